@@ -1,0 +1,46 @@
+"""mixprec: run any PyTorch training loop in another numeric precision.
+
+    model, opt = mixprec.wrap(model, opt, mode="16-mixed")
+    opt.backward(loss); opt.step(); opt.zero_grad()
+"""
+
+from . import exceptions, hookspecs
+from ._apply import apply_to_float_tensors
+from ._mode import ModeSpec, OptimizerMode, PrecisionMode
+from ._modes import MixedPrecision, TruePrecision
+from ._module import WrappedModule, is_wrapped
+from ._optimizer import WrappedOptimizer
+from ._registry import ModeEntry, Registry, registry, use_registry
+from ._scaler import LossScaler
+from ._version import PLUGIN_API_VERSION, __version__
+from ._wrapper import PrecisionWrapper, init_module, unwrap, wrap
+from .exceptions import MixprecError, MixprecWarning
+from .hookspecs import hookimpl
+
+__all__ = [
+    "PLUGIN_API_VERSION",
+    "LossScaler",
+    "MixedPrecision",
+    "MixprecError",
+    "MixprecWarning",
+    "ModeEntry",
+    "ModeSpec",
+    "OptimizerMode",
+    "PrecisionMode",
+    "PrecisionWrapper",
+    "Registry",
+    "TruePrecision",
+    "WrappedModule",
+    "WrappedOptimizer",
+    "__version__",
+    "apply_to_float_tensors",
+    "exceptions",
+    "hookimpl",
+    "hookspecs",
+    "init_module",
+    "is_wrapped",
+    "registry",
+    "unwrap",
+    "use_registry",
+    "wrap",
+]

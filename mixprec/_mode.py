@@ -1,0 +1,210 @@
+"""The mode interface: what a precision or optimizer mode may change.
+
+A mode implements only what it changes; every method here has a default that
+leaves training as it is. The wrapper calls them at fixed points and knows no
+mode by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from ._scaler import LossScaler
+
+__all__ = ["ModeSpec", "OptimizerMode", "PrecisionMode"]
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """What a plugin says about one mode it provides.
+
+    :param name: the mode's name in mode strings (``"nf4-dq"``).
+    :param factory: builds the mode object from keyword options.
+    :param summary: one line shown by ``mixprec modes``.
+    :param kind: ``"precision"`` or ``"optimizer"``.
+    :param requires: what the mode needs to run, in words (``"CUDA"``); empty if nothing.
+    :param api_version: the plugin API version the mode was written for; a mode
+        asking for a newer one than this mixprec has is reported, not loaded.
+    """
+
+    name: str
+    factory: Callable[..., PrecisionMode | OptimizerMode]
+    summary: str
+    kind: Literal["precision", "optimizer"] = "precision"
+    requires: str = ""
+    api_version: int = 1
+
+
+class PrecisionMode:
+    """Base class of precision modes: how the model is stored and run.
+
+    Subclasses set :attr:`name` and override what they change. Options must be
+    reported by :meth:`options` as plain Python values so that checkpoints load
+    with ``torch.load(..., weights_only=True)``.
+    """
+
+    #: the registered name of the mode (``"bf16-mixed"``).
+    name: str = ""
+    #: True if gradients need dynamic loss scaling (fp16).
+    needs_scaling: bool = False
+    #: True to keep fp32 master copies of the parameters in the optimizer.
+    master_weights: bool = False
+
+    # -- description --------------------------------------------------------
+
+    def options(self) -> dict[str, Any]:
+        """The options this mode was built with, as plain values (for checkpoints)."""
+        return {}
+
+    def describe(self) -> str:
+        """One line for the wrapper's summary."""
+        opts = ", ".join(f"{k}={v}" for k, v in self.options().items())
+        return f"{self.name}({opts})" if opts else self.name
+
+    @property
+    def param_dtype(self) -> torch.dtype | None:
+        """The dtype floating-point parameters are stored in, or None if unchanged."""
+        return None
+
+    # -- before anything changes ---------------------------------------------
+
+    def validate(self, module: torch.nn.Module, device: torch.device) -> None:
+        """Raise a :class:`mixprec.MixprecError` if this mode cannot wrap ``module``.
+
+        Called before anything is mutated: every check that can fail belongs here.
+        """
+
+    # -- conversion ----------------------------------------------------------
+
+    def convert_module(self, module: torch.nn.Module) -> list[str]:
+        """Change ``module`` in place (cast, swap layers); return summary lines.
+
+        Parameters kept at the same dotted name keep their optimizer entries;
+        a parameter replaced by a new tensor takes over the old one's entry if
+        it requires grad and is dropped from the optimizer otherwise.
+        """
+        return []
+
+    def init_context(self, device: torch.device | str | None = None) -> contextlib.AbstractContextManager[None]:
+        """A context in which a model is built directly in this mode's dtype and device."""
+        return _device_context(device)
+
+    def unwrap_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Turn the wrapped module back into a plain one for export."""
+        return module
+
+    # -- forward ---------------------------------------------------------------
+
+    def forward_context(self) -> contextlib.AbstractContextManager[None]:
+        """The context the forward pass runs in (autocast, fp8 autocast, …)."""
+        return contextlib.nullcontext()
+
+    def convert_input(self, data: Any) -> Any:
+        """Convert the forward's arguments (nested collections of tensors)."""
+        return data
+
+    def convert_output(self, data: Any) -> Any:
+        """Convert the forward's result (nested collections of tensors)."""
+        return data
+
+    # -- backward and step -----------------------------------------------------
+
+    def create_scaler(self) -> LossScaler | None:
+        """The loss scaler this mode trains with, or None."""
+        return None
+
+    def optimizer_step_context(
+        self, optimizer: torch.optim.Optimizer
+    ) -> contextlib.AbstractContextManager[None]:
+        """A context around the inner optimizer's ``step`` and ``load_state_dict``."""
+        return contextlib.nullcontext()
+
+    # -- checkpoints -------------------------------------------------------------
+
+    def module_state_dict(
+        self, module: torch.nn.Module, state: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Adjust the module's state dict before it is returned (e.g. quant state)."""
+        return state
+
+    def load_module_state_dict(
+        self, module: torch.nn.Module, state: Mapping[str, Any], strict: bool
+    ) -> Any:
+        """Load a state dict into the module; return torch's ``_IncompatibleKeys``."""
+        return module.load_state_dict(state, strict=strict)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Extra state of the mode itself (besides weights, optimizer and scaler)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+class OptimizerMode:
+    """Base class of optimizer modes: replace the optimizer (8-bit Adam, …)."""
+
+    name: str = ""
+
+    def options(self) -> dict[str, Any]:
+        """The options this mode was built with, as plain values."""
+        return {}
+
+    def describe(self) -> str:
+        """One line for the wrapper's summary."""
+        opts = ", ".join(f"{k}={v}" for k, v in self.options().items())
+        return f"{self.name}({opts})" if opts else self.name
+
+    def validate(
+        self, optimizer: torch.optim.Optimizer, module: torch.nn.Module, device: torch.device
+    ) -> None:
+        """Raise a :class:`mixprec.MixprecError` if ``optimizer`` cannot be converted."""
+
+    def convert_optimizer(
+        self,
+        optimizer: torch.optim.Optimizer,
+        module: torch.nn.Module,
+        param_names: Mapping[torch.Tensor, str],
+    ) -> tuple[torch.optim.Optimizer, list[str]]:
+        """Return the replacement optimizer and summary lines.
+
+        ``param_names`` maps each parameter in ``optimizer`` (an fp32 master copy
+        where the precision mode keeps them) to the dotted name of the model
+        parameter it stands for. The returned optimizer must hold the same
+        parameters in the same groups.
+        """
+        return optimizer, []
+
+
+@contextlib.contextmanager
+def _device_context(device: torch.device | str | None) -> Iterator[None]:
+    if device is None:
+        yield
+        return
+    with torch.device(device):
+        yield
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """Set torch's default dtype inside the block; restore it even on errors."""
+    if dtype is None:
+        yield
+        return
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def iter_devices(module: torch.nn.Module) -> set[torch.device]:
+    """The devices of a module's parameters and buffers."""
+    return {t.device for t in (*module.parameters(), *module.buffers())}

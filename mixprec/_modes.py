@@ -1,0 +1,278 @@
+"""The core modes: true precision (32/64/16/bf16) and autocast mixed precision.
+
+This module is also the core's plugin: it registers its modes through the same
+``mixprec_modes`` hook as any third-party plugin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ._apply import apply_to_float_tensors
+from ._mode import ModeSpec, PrecisionMode, _device_context, default_dtype
+from ._scaler import LossScaler
+from .exceptions import ModeOptionError, UnsupportedDeviceError
+from .hookspecs import hookimpl
+
+__all__ = ["MixedPrecision", "TruePrecision"]
+
+_DTYPES = {
+    "32": torch.float32, "float32": torch.float32, "fp32": torch.float32,
+    "64": torch.float64, "float64": torch.float64, "fp64": torch.float64,
+    "16": torch.float16, "float16": torch.float16, "fp16": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+_SHORT = {torch.float32: "32", torch.float64: "64", torch.float16: "16", torch.bfloat16: "bf16"}
+
+
+def _dtype(value: str | torch.dtype, allowed: tuple[torch.dtype, ...]) -> torch.dtype:
+    dtype = _DTYPES.get(value) if isinstance(value, str) else value
+    if dtype not in allowed:
+        names = ", ".join(_SHORT[d] for d in allowed)
+        raise ModeOptionError(f"Unsupported dtype {value!r}; use one of {names}.")
+    return dtype  # type: ignore[return-value]
+
+
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (plain values for checkpoints)."""
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+class _ScalingOptions:
+    """Loss-scaler options shared by the fp16 modes."""
+
+    def _init_scaler_options(self, dtype: torch.dtype, options: dict[str, Any]) -> None:
+        if options and dtype is not torch.float16:
+            raise ModeOptionError(
+                f"Loss-scaler options ({', '.join(sorted(options))}) apply only to fp16 modes "
+                "(16-mixed, 16-true); this mode does not scale the loss."
+            )
+        self._scaler_options = dict(options)
+        if dtype is torch.float16:
+            LossScaler(**options)  # validate now, before anything is wrapped
+
+    def create_scaler(self) -> LossScaler | None:
+        if getattr(self, "needs_scaling", False):
+            return LossScaler(**self._scaler_options)
+        return None
+
+
+class TruePrecision(_ScalingOptions, PrecisionMode):
+    """Parameters, buffers and the forward in one dtype (``32-true``, ``64-true``,
+    ``16-true``, ``bf16-true``).
+
+    :param dtype: ``"32"``, ``"64"``, ``"16"`` or ``"bf16"`` (or a torch dtype).
+    :param master_weights: keep an fp32 master copy of every parameter in the
+        optimizer (Apex O2): gradients are accumulated in fp32, the step runs on
+        the masters and the model gets them cast back. 16/bf16 only.
+    :param optimizer_dtype: dtype the optimizer computes in and keeps its state in
+        when there are no master weights. Default fp32 for ``16-true`` (fp16
+        optimizer state underflows: Adam's ``eps=1e-8`` is 0 in fp16), the model
+        dtype otherwise. Parameters are still stored in ``dtype``.
+    :param keep_output_dtype: return outputs in ``dtype`` instead of fp32.
+    :param scaler_options: ``init_scale``, ``growth_factor``, ``backoff_factor``,
+        ``growth_interval``, ``min_scale``, ``max_scale``, ``hysteresis`` (fp16 only).
+    """
+
+    def __init__(
+        self,
+        dtype: str | torch.dtype = "32",
+        *,
+        master_weights: bool = False,
+        optimizer_dtype: str | torch.dtype | None = None,
+        keep_output_dtype: bool = False,
+        **scaler_options: Any,
+    ) -> None:
+        self.dtype = _dtype(dtype, (torch.float32, torch.float64, torch.float16, torch.bfloat16))
+        self.name = f"{_SHORT[self.dtype]}-true"
+        low = self.dtype in (torch.float16, torch.bfloat16)
+        if master_weights and not low:
+            raise ModeOptionError(
+                f"master_weights=True needs a 16-bit mode; {self.name} already keeps "
+                "parameters at full precision."
+            )
+        self.master_weights = bool(master_weights)
+        self.needs_scaling = self.dtype is torch.float16
+        if optimizer_dtype is None:
+            optim = torch.float32 if self.dtype is torch.float16 else self.dtype
+        else:
+            optim = _dtype(optimizer_dtype, (torch.float32, self.dtype))
+        self.optimizer_dtype = optim
+        self.keep_output_dtype = bool(keep_output_dtype)
+        self._init_scaler_options(self.dtype, scaler_options)
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return self.dtype
+
+    def options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {}
+        if self.master_weights:
+            opts["master_weights"] = True
+        if not self.master_weights and self.optimizer_dtype is not self.dtype:
+            opts["optimizer_dtype"] = dtype_name(self.optimizer_dtype)
+        if self.keep_output_dtype:
+            opts["keep_output_dtype"] = True
+        opts.update(self._scaler_options)
+        return opts
+
+    def convert_module(self, module: torch.nn.Module) -> list[str]:
+        n_params = n_buffers = 0
+        with torch.no_grad():
+            for p in module.parameters():
+                if p.is_floating_point() and p.dtype is not self.dtype:
+                    p.data = p.data.to(self.dtype)
+                    n_params += 1
+            for sub in module.modules():
+                for key, buf in sub._buffers.items():
+                    if buf is not None and buf.is_floating_point() and buf.dtype is not self.dtype:
+                        sub._buffers[key] = buf.to(self.dtype)
+                        n_buffers += 1
+        if not n_params and not n_buffers:
+            return [f"parameters and buffers already in {self.dtype}"]
+        return [f"cast {n_params} parameters and {n_buffers} buffers to {self.dtype}"]
+
+    def init_context(self, device: torch.device | str | None = None) -> contextlib.AbstractContextManager[None]:
+        return _stacked(default_dtype(self.dtype), _device_context(device))
+
+    def forward_context(self) -> contextlib.AbstractContextManager[None]:
+        return default_dtype(self.dtype)
+
+    def convert_input(self, data: Any) -> Any:
+        return apply_to_float_tensors(data, lambda t: t.to(self.dtype))
+
+    def convert_output(self, data: Any) -> Any:
+        if self.keep_output_dtype or self.dtype is torch.float64:
+            return data
+        return apply_to_float_tensors(data, lambda t: t.to(torch.float32))
+
+    def optimizer_step_context(
+        self, optimizer: torch.optim.Optimizer
+    ) -> contextlib.AbstractContextManager[None]:
+        if self.master_weights or self.optimizer_dtype is self.dtype:
+            return contextlib.nullcontext()
+        return _promoted_params(optimizer, self.dtype, self.optimizer_dtype)
+
+
+class MixedPrecision(_ScalingOptions, PrecisionMode):
+    """fp32 parameters, the forward under ``torch.autocast`` (``16-mixed``, ``bf16-mixed``).
+
+    :param dtype: ``"16"`` or ``"bf16"``.
+    :param keep_output_dtype: return outputs as autocast produced them instead of fp32.
+    :param scaler_options: loss-scaler options (fp16 only), see :class:`LossScaler`.
+    """
+
+    def __init__(
+        self, dtype: str | torch.dtype = "bf16", *, keep_output_dtype: bool = False,
+        **scaler_options: Any,
+    ) -> None:
+        self.dtype = _dtype(dtype, (torch.float16, torch.bfloat16))
+        self.name = f"{_SHORT[self.dtype]}-mixed"
+        self.needs_scaling = self.dtype is torch.float16
+        self.keep_output_dtype = bool(keep_output_dtype)
+        self.device_type = "cpu"
+        self._init_scaler_options(self.dtype, scaler_options)
+
+    def options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"keep_output_dtype": True} if self.keep_output_dtype else {}
+        opts.update(self._scaler_options)
+        return opts
+
+    def validate(self, module: torch.nn.Module, device: torch.device) -> None:
+        if not torch.amp.is_autocast_available(device.type):
+            raise UnsupportedDeviceError(
+                f"{self.name} needs torch.autocast, which torch {torch.__version__} does not "
+                f"offer on {device.type!r}; use a true mode such as '{_SHORT[self.dtype]}-true'.",
+                device=device,
+            )
+        if (self.dtype is torch.bfloat16 and device.type == "cuda"
+                and not torch.cuda.is_bf16_supported()):
+            raise UnsupportedDeviceError(
+                f"This GPU does not support bfloat16; use '16-mixed' instead of {self.name!r}.",
+                device=device,
+            )
+
+    def convert_module(self, module: torch.nn.Module) -> list[str]:
+        devices = {t.device.type for t in module.parameters()}
+        self.device_type = devices.pop() if len(devices) == 1 else "cpu"
+        return [f"forward under torch.autocast({self.device_type!r}, {self.dtype})"]
+
+    def forward_context(self) -> contextlib.AbstractContextManager[None]:
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def convert_output(self, data: Any) -> Any:
+        if self.keep_output_dtype:
+            return data
+        return apply_to_float_tensors(data, lambda t: t.to(torch.float32))
+
+
+@contextlib.contextmanager
+def _stacked(*contexts: contextlib.AbstractContextManager[None]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for c in contexts:
+            stack.enter_context(c)
+        yield
+
+
+@contextlib.contextmanager
+def _promoted_params(
+    optimizer: torch.optim.Optimizer, low: torch.dtype, high: torch.dtype
+) -> Iterator[None]:
+    """Give the optimizer its parameters (and grads) in ``high`` for the block.
+
+    The parameter objects stay the same, so optimizer state created or loaded in
+    the block is kept in ``high``; the values are rounded back to ``low`` after.
+    """
+    swapped: list[tuple[torch.nn.Parameter, torch.Tensor | None]] = []
+    try:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.dtype is not low:
+                    continue
+                grad = p.grad
+                p.grad = None
+                p.data = p.data.to(high)
+                if grad is not None:
+                    p.grad = grad.to(high)
+                swapped.append((p, grad))
+        yield
+    finally:
+        for p, grad in swapped:
+            p.grad = None
+            p.data = p.data.to(low)
+            p.grad = grad
+
+
+def _true(dtype: str) -> Any:
+    def factory(
+        *, master_weights: bool = False, optimizer_dtype: str | None = None,
+        keep_output_dtype: bool = False, **scaler_options: Any,
+    ) -> TruePrecision:
+        return TruePrecision(dtype, master_weights=master_weights, optimizer_dtype=optimizer_dtype,
+                             keep_output_dtype=keep_output_dtype, **scaler_options)
+    return factory
+
+
+def _mixed(dtype: str) -> Any:
+    def factory(*, keep_output_dtype: bool = False, **scaler_options: Any) -> MixedPrecision:
+        return MixedPrecision(dtype, keep_output_dtype=keep_output_dtype, **scaler_options)
+    return factory
+
+
+@hookimpl
+def mixprec_modes() -> list[ModeSpec]:
+    return [
+        ModeSpec("32-true", _true("32"), "fp32 weights and compute (the baseline)"),
+        ModeSpec("64-true", _true("64"), "fp64 weights and compute, for numerics checks"),
+        ModeSpec("16-true", _true("16"),
+                 "fp16 weights and compute, loss scaling, fp32 optimizer math; "
+                 "master_weights=True for fp32 masters"),
+        ModeSpec("bf16-true", _true("bf16"),
+                 "bf16 weights and compute; master_weights=True for fp32 masters"),
+        ModeSpec("16-mixed", _mixed("16"), "fp32 weights, fp16 autocast, dynamic loss scaling"),
+        ModeSpec("bf16-mixed", _mixed("bf16"), "fp32 weights, bf16 autocast"),
+    ]

@@ -1,0 +1,112 @@
+"""The module ``wrap`` returns: the user's module run under the mode."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from ._mode import PrecisionMode
+    from ._wrapper import PrecisionWrapper
+
+__all__ = ["WrappedModule", "is_wrapped"]
+
+#: Inner modules currently wrapped (weak: a deleted model leaves the set).
+_WRAPPED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+
+def is_wrapped(module: torch.nn.Module) -> bool:
+    """True if ``module`` is a wrapped module or the inside of one."""
+    return isinstance(module, WrappedModule) or module in _WRAPPED
+
+
+class WrappedModule(torch.nn.Module):
+    """Runs the inner module's forward under the precision mode.
+
+    Behaves as the inner module does: attribute access falls through to it, and
+    ``parameters()``, ``named_parameters()``, ``modules()``, ``state_dict()`` and
+    ``load_state_dict()`` use the inner module's names (no ``_module.`` prefix).
+    The state dict holds fp32 master values where the mode keeps them.
+    """
+
+    _module: torch.nn.Module
+
+    def __init__(self, module: torch.nn.Module, precision: PrecisionWrapper) -> None:
+        super().__init__()
+        self._module = module
+        self._mode: PrecisionMode = precision.precision_mode
+        self._precision: PrecisionWrapper | None = precision
+        _WRAPPED.add(module)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The inner (user's) module."""
+        return self._modules["_module"]  # type: ignore[return-value]
+
+    @property
+    def precision(self) -> PrecisionWrapper:
+        """The :class:`PrecisionWrapper` shared with the wrapped optimizer."""
+        if self._precision is None:  # a copy (deepcopy/pickle) gets its own, with no optimizer
+            from ._wrapper import PrecisionWrapper
+
+            self._precision = PrecisionWrapper._for_copy(self)
+        return self._precision
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        mode = self._mode
+        args, kwargs = mode.convert_input((args, kwargs))
+        with mode.forward_context():
+            output = self._modules["_module"](*args, **kwargs)
+        return mode.convert_output(output)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if "_module" not in modules:
+                raise
+            return getattr(modules["_module"], name)
+
+    # -- the inner module's names --------------------------------------------
+
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        return self.module.named_parameters(prefix, recurse, remove_duplicate)
+
+    def named_buffers(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        return self.module.named_buffers(prefix, recurse, remove_duplicate)
+
+    def named_modules(
+        self, memo: set[torch.nn.Module] | None = None, prefix: str = "",
+        remove_duplicate: bool = True,
+    ) -> Iterator[tuple[str, torch.nn.Module]]:
+        return self.module.named_modules(memo, prefix, remove_duplicate)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        return self.precision._module_state_dict(*args, **kwargs)
+
+    def load_state_dict(  # type: ignore[override]
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        return self.precision._load_module_state_dict(state_dict, strict=strict, assign=assign)
+
+    # -- copies --------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_precision"] = None  # the optimizer link does not travel with a copy
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        _WRAPPED.add(self._modules["_module"])
+
+    def __repr__(self) -> str:
+        return f"WrappedModule(mode={self._mode.describe()}, module={self.module!r})"

@@ -1,0 +1,353 @@
+"""The plugin registry: which modes exist, who provides them, how to build them."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fnmatch
+import inspect
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from ._mode import ModeSpec, OptimizerMode, PrecisionMode
+from ._version import PLUGIN_API_VERSION, __version__
+from .exceptions import (
+    DuplicateModeError,
+    ModeOptionError,
+    ModeSyntaxError,
+    PluginError,
+    UnknownModeError,
+)
+
+__all__ = ["ModeEntry", "Registry", "registry", "use_registry"]
+
+ENTRY_POINT_GROUP = "mixprec"
+LOAD_ENV = "MIXPREC_LOAD_PLUGINS"
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+#: First-party modes and the distribution that provides them, for install hints.
+FIRST_PARTY: dict[str, tuple[str, ...]] = {
+    "mixprec-bnb": ("nf4*", "fp4*", "int8*", "adam8bit", "adamw8bit", "paged-*"),
+    "mixprec-te": ("transformer-engine*",),
+    "mixprec-torchao": ("fp8-*", "ao-*"),
+}
+_FIRST_PARTY_NAMES = (
+    "nf4", "nf4-dq", "fp4", "fp4-dq", "int8", "int8-training", "adam8bit", "adamw8bit",
+    "paged-adam8bit", "paged-adamw8bit", "transformer-engine", "transformer-engine-float16",
+    "fp8-tensorwise", "fp8-rowwise", "fp8-rowwise-gw-hp", "ao-adamw8bit", "ao-adamw4bit",
+    "ao-adamw-fp8",
+)
+
+
+@dataclass(frozen=True)
+class ModeEntry:
+    """A registered mode and where it comes from."""
+
+    spec: ModeSpec
+    provider: str
+    version: str
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def first_party_provider(name: str) -> str | None:
+    """The first-party distribution that provides ``name``, if any."""
+    for dist, patterns in FIRST_PARTY.items():
+        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            return dist
+    return None
+
+
+class Registry:
+    """Modes from the core and from plugins, loaded lazily on first use.
+
+    :param entry_points: discover plugins through the ``mixprec`` entry-point
+        group (filtered by ``MIXPREC_LOAD_PLUGINS``). Tests pass False and
+        register plugins by hand.
+    """
+
+    def __init__(self, *, entry_points: bool = True) -> None:
+        self._entry_points = entry_points
+        self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self._pm.add_hookspecs(hookspecs)
+        self._loaded = False
+        self._dists: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
+        self._broken: dict[str, str] = {}
+        self._modes: dict[str, ModeEntry] = {}
+        self._conflicts: dict[str, list[str]] = {}
+
+    # -- loading -------------------------------------------------------------
+
+    def _ensure_loaded(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        from . import _modes
+
+        self._pm.register(_modes, name="mixprec")
+        self._dists["mixprec"] = ("mixprec", __version__)
+        if self._entry_points:
+            self._load_entry_points()
+        self._collect()
+
+    def _load_entry_points(self) -> None:
+        wanted = os.environ.get(LOAD_ENV)
+        allowed = None if wanted is None else {n.strip() for n in wanted.split(",") if n.strip()}
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if allowed is not None and ep.name not in allowed:
+                continue
+            if self._pm.has_plugin(ep.name) or ep.name in self._broken:
+                continue
+            dist = getattr(ep, "dist", None)
+            version = dist.version if dist is not None else "?"
+            try:
+                plugin = ep.load()
+                self._pm.register(plugin, name=ep.name)
+            except Exception as exc:  # a broken plugin must not break the others
+                self._broken[ep.name] = f"{type(exc).__name__}: {exc}"
+                continue
+            self._dists[ep.name] = (dist.name if dist is not None else ep.name, version)
+
+    def _collect(self) -> None:
+        modes: dict[str, ModeEntry] = {}
+        conflicts: dict[str, list[str]] = {}
+        for impl in self._pm.hook.mixprec_modes.get_hookimpls():
+            plugin = impl.plugin_name
+            if plugin in self._broken:
+                continue
+            dist, version = self._dists.get(plugin, (plugin, "registered by hand"))
+            try:
+                specs = list(impl.function())
+                for spec in specs:
+                    _check_spec(spec)
+            except Exception as exc:
+                self._broken[plugin] = f"mixprec_modes() failed: {type(exc).__name__}: {exc}"
+                continue
+            for spec in specs:
+                if spec.api_version > PLUGIN_API_VERSION:
+                    self._broken[f"{dist}:{spec.name}"] = (
+                        f"mode {spec.name!r} needs plugin API {spec.api_version}, this mixprec "
+                        f"{__version__} has {PLUGIN_API_VERSION}: upgrade mixprec"
+                    )
+                    continue
+                if spec.name in conflicts:
+                    conflicts[spec.name].append(dist)
+                elif spec.name in modes:
+                    conflicts[spec.name] = [modes.pop(spec.name).provider, dist]
+                else:
+                    modes[spec.name] = ModeEntry(spec, dist, version)
+        self._modes = modes
+        self._conflicts = conflicts
+
+    def register(
+        self, plugin: object, name: str | None = None, *, distribution: str | None = None,
+        version: str = "registered by hand",
+    ) -> str:
+        """Register a plugin object by hand (tests, notebooks); return its name."""
+        self._ensure_loaded()
+        registered = self._pm.register(plugin, name=name)
+        if registered is None:
+            raise PluginError(f"Plugin {name!r} is already registered.", plugin=str(name))
+        self._dists[registered] = (distribution or registered, version)
+        self._collect()
+        return registered
+
+    def unregister(self, name: str) -> None:
+        """Remove a plugin registered under ``name``."""
+        self._ensure_loaded()
+        self._pm.unregister(name=name)
+        self._dists.pop(name, None)
+        self._broken.pop(name, None)
+        self._collect()
+
+    # -- queries -------------------------------------------------------------
+
+    def modes(self) -> dict[str, ModeEntry]:
+        """Every usable mode by name."""
+        self._ensure_loaded()
+        return dict(sorted(self._modes.items()))
+
+    def broken(self) -> dict[str, str]:
+        """Plugins (or modes) that could not be loaded, with the reason."""
+        self._ensure_loaded()
+        return dict(self._broken)
+
+    def conflicts(self) -> dict[str, list[str]]:
+        """Mode names claimed by more than one distribution."""
+        self._ensure_loaded()
+        return {k: list(v) for k, v in self._conflicts.items()}
+
+    def entry(self, name: str) -> ModeEntry:
+        """The registered mode ``name``; raises a helpful error if there is none."""
+        self._ensure_loaded()
+        if name in self._modes:
+            return self._modes[name]
+        if name in self._conflicts:
+            providers = self._conflicts[name]
+            raise DuplicateModeError(
+                f"Mode {name!r} is provided by more than one distribution "
+                f"({', '.join(providers)}). Uninstall one of them or set "
+                f"{LOAD_ENV} to the distributions to load.",
+                mode=name, providers=providers,
+            )
+        available = sorted(self._modes)
+        provider = first_party_provider(name)
+        message = f"Unknown precision mode {name!r}. Available: {', '.join(available) or 'none'}."
+        close = difflib.get_close_matches(name, [*available, *_FIRST_PARTY_NAMES], n=1)
+        if close and close[0] != name:
+            message += f" Did you mean {close[0]!r}?"
+        if provider is not None:
+            message += f" Mode {name!r} is provided by {provider}: pip install {provider}"
+        elif close and (hint := first_party_provider(close[0])) and close[0] not in self._modes:
+            message += f" Mode {close[0]!r} is provided by {hint}: pip install {hint}"
+        raise UnknownModeError(message, mode=name, available=available, provider=provider)
+
+    # -- building ------------------------------------------------------------
+
+    def build(
+        self, mode: str | PrecisionMode | OptimizerMode | Sequence[Any], options: dict[str, Any]
+    ) -> tuple[PrecisionMode, list[OptimizerMode]]:
+        """Turn a mode string, mode object or list of them into mode objects."""
+        parts = _split(mode)
+        if options and not (len(parts) >= 1 and isinstance(parts[0], str)):
+            raise ModeOptionError(
+                "Options were given together with a mode object; pass them to the "
+                "mode object's constructor instead."
+            )
+        precision: PrecisionMode | None = None
+        optimizers: list[OptimizerMode] = []
+        for index, part in enumerate(parts):
+            obj = self._instantiate(part, options if index == 0 else {})
+            if isinstance(obj, PrecisionMode):
+                if precision is not None or optimizers:
+                    raise ModeSyntaxError(
+                        f"Mode {_describe(mode)!r} joins more than one precision mode or puts one "
+                        "after an optimizer mode; write one precision mode first, then "
+                        "optimizer modes: 'bf16-true+adamw8bit'.",
+                        spec=_describe(mode),
+                    )
+                precision = obj
+            elif isinstance(obj, OptimizerMode):
+                if optimizers:
+                    raise ModeSyntaxError(
+                        f"Mode {_describe(mode)!r} joins two optimizer modes; use at most one.",
+                        spec=_describe(mode),
+                    )
+                optimizers.append(obj)
+            else:
+                raise ModeSyntaxError(
+                    f"{part!r} is not a mode: pass a mode name, a PrecisionMode or an "
+                    "OptimizerMode.",
+                    spec=_describe(mode),
+                )
+        if precision is None:
+            precision = self._instantiate("32-true", {})  # type: ignore[assignment]
+        assert isinstance(precision, PrecisionMode)
+        return precision, optimizers
+
+    def _instantiate(self, part: Any, options: dict[str, Any]) -> Any:
+        if not isinstance(part, str):
+            return part
+        entry = self.entry(part)
+        _check_options(entry, options)
+        try:
+            obj = entry.spec.factory(**options)
+        except TypeError as exc:
+            raise ModeOptionError(f"Mode {part!r} rejected its options: {exc}.") from None
+        if not getattr(obj, "name", ""):
+            obj.name = part
+        return obj
+
+
+def _check_spec(spec: object) -> None:
+    if not isinstance(spec, ModeSpec):
+        raise TypeError(f"expected ModeSpec objects, got {type(spec).__name__}")
+    if not _NAME_RE.match(spec.name):
+        raise ValueError(f"invalid mode name {spec.name!r}")
+    if spec.kind not in ("precision", "optimizer"):
+        raise ValueError(f"mode {spec.name!r} has unknown kind {spec.kind!r}")
+
+
+def _check_options(entry: ModeEntry, options: dict[str, Any]) -> None:
+    if not options:
+        return
+    try:
+        params = inspect.signature(entry.spec.factory).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    for key in options:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ModeOptionError(
+                f"Mode {entry.name!r} does not take option {key!r}.{hint} "
+                f"Its options: {', '.join(accepted) or 'none'}."
+            )
+
+
+def _split(mode: Any) -> list[Any]:
+    if isinstance(mode, str):
+        text = mode.strip()
+        if not text:
+            raise ModeSyntaxError("The mode string is empty; pass a mode such as 'bf16-mixed'.",
+                                  spec=mode)
+        tokens = text.split("+")
+        for token in tokens:
+            if not _NAME_RE.match(token):
+                what = "an empty part" if not token else f"the part {token!r}"
+                raise ModeSyntaxError(
+                    f"Mode string {mode!r} has {what}; write lower-case mode names joined "
+                    "by '+', such as 'bf16-true+adamw8bit'.",
+                    spec=mode,
+                )
+        return tokens
+    if isinstance(mode, (PrecisionMode, OptimizerMode)):
+        return [mode]
+    if isinstance(mode, (list, tuple)) and mode:
+        out: list[Any] = []
+        for item in mode:
+            out.extend(_split(item))
+        return out
+    raise ModeSyntaxError(
+        f"Cannot use {mode!r} as a mode; pass a mode string such as 'bf16-mixed', a mode "
+        "object, or a list of them.",
+        spec=repr(mode),
+    )
+
+
+def _describe(mode: Any) -> str:
+    if isinstance(mode, str):
+        return mode
+    parts = mode if isinstance(mode, (list, tuple)) else [mode]
+    return "+".join(p if isinstance(p, str) else getattr(p, "name", type(p).__name__) for p in parts)
+
+
+_current = Registry()
+
+
+def registry() -> Registry:
+    """The registry mixprec uses now."""
+    return _current
+
+
+@contextlib.contextmanager
+def use_registry(reg: Registry) -> Iterator[Registry]:
+    """Use ``reg`` inside the block (tests: a fresh registry per test)."""
+    global _current
+    previous, _current = _current, reg
+    try:
+        yield reg
+    finally:
+        _current = previous

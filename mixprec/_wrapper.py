@@ -1,0 +1,527 @@
+"""``PrecisionWrapper``: one mode applied to one model and its optimizer."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, overload
+
+import torch
+
+from ._journal import Journal
+from ._master import MasterWeights
+from ._mode import OptimizerMode, PrecisionMode
+from ._module import _WRAPPED, WrappedModule, is_wrapped
+from ._optimizer import WrappedOptimizer
+from ._registry import registry
+from ._scaler import non_finite_found, unscale_and_check
+from .exceptions import (
+    AlreadyWrappedError,
+    BackwardError,
+    CheckpointError,
+    MixprecWarning,
+    OptimizerMismatchError,
+    WrapError,
+)
+
+__all__ = ["PrecisionWrapper", "init_module", "unwrap", "wrap"]
+
+logger = logging.getLogger("mixprec")
+
+ModeLike = str | PrecisionMode | OptimizerMode | Sequence[str | PrecisionMode | OptimizerMode]
+_CHECKPOINT_FORMAT = 1
+
+
+class PrecisionWrapper:
+    """Applies a precision mode (and optional optimizer mode) to a model and optimizer.
+
+    Owns the forward contexts, dynamic loss scaling, fp32 master weights and the
+    checkpoint format. ``wrap()`` builds one; it is reachable from both returned
+    objects as ``model.precision`` and ``opt.precision``.
+
+    :param mode: a mode string (``"bf16-true+adamw8bit"``), a mode object, or a list.
+    :param skip_nonfinite: skip optimizer steps whose gradients hold inf/NaN in
+        every mode (not only the loss-scaled ones). Costs one read of the gradients.
+    :param collapse_patience: after this many skipped steps in a row, warn with a
+        diagnosis naming the first parameter whose gradient was not finite.
+    :param options: options for the precision mode named by a string
+        (``master_weights=True``, ``init_scale=1024``, …).
+    """
+
+    def __init__(
+        self, mode: ModeLike = "32-true", *, skip_nonfinite: bool = True,
+        collapse_patience: int = 50, **options: Any,
+    ) -> None:
+        self.precision_mode, self.optimizer_modes = registry().build(mode, options)
+        self.mode_name = "+".join([self.precision_mode.name, *(m.name for m in self.optimizer_modes)])
+        self.scaler = self.precision_mode.create_scaler()
+        self.skip_nonfinite = skip_nonfinite
+        self.collapse_patience = int(collapse_patience)
+        self.module: WrappedModule | None = None
+        self.optimizer: WrappedOptimizer | None = None
+        self.masters: MasterWeights | None = None
+        self.summary_lines: list[str] = []
+        #: steps taken and steps skipped because of inf/NaN gradients
+        self.steps = 0
+        self.skipped_steps = 0
+        #: skipped steps in a row, and the parameter whose gradient was first non-finite
+        self.skip_streak = 0
+        self.last_nonfinite_param: str | None = None
+        self._names: dict[int, str] = {}
+        self._backward_calls = 0
+        self._unscaled = False
+        self._found_inf = False
+
+    @classmethod
+    def _for_copy(cls, module: WrappedModule) -> PrecisionWrapper:
+        self = cls.__new__(cls)
+        self.__init__(module._mode)  # type: ignore[misc]
+        self.module = module
+        return self
+
+    # -- summary -----------------------------------------------------------------
+
+    @property
+    def summary(self) -> str:
+        """What wrapping changed, one fact per line."""
+        return "\n".join(self.summary_lines)
+
+    @property
+    def loss_scale(self) -> float | None:
+        """The current loss scale, or None in modes that do not scale."""
+        return None if self.scaler is None else self.scaler.scale
+
+    def __repr__(self) -> str:
+        return f"PrecisionWrapper(mode={self.mode_name!r})"
+
+    # -- building ----------------------------------------------------------------
+
+    def init_module(self, device: torch.device | str | None = None) -> contextlib.AbstractContextManager[None]:
+        """A context in which models are built in this mode's dtype (and on ``device``,
+        which may be ``"meta"``): a bf16 model never exists in fp32."""
+        return self.precision_mode.init_context(device)
+
+    @overload
+    def wrap(self, model: torch.nn.Module, optimizer: None = None) -> WrappedModule: ...
+    @overload
+    def wrap(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[WrappedModule, WrappedOptimizer]: ...
+
+    def wrap(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+    ) -> WrappedModule | tuple[WrappedModule, WrappedOptimizer]:
+        """Apply the mode to ``model`` (and ``optimizer``); atomic: on error nothing changed."""
+        self._validate(model, optimizer)
+        device = _device_of(model)
+        self.precision_mode.validate(model, device)
+        for om in self.optimizer_modes:
+            if optimizer is None:
+                raise WrapError(
+                    f"Optimizer mode {om.name!r} needs an optimizer: call wrap(model, optimizer)."
+                )
+            om.validate(optimizer, model, device)
+
+        journal = Journal(model, optimizer)
+        try:
+            inner_opt = self._convert(model, optimizer)
+        except BaseException:
+            journal.rollback()
+            self.masters = None
+            raise
+        self.module = WrappedModule(model, self)
+        if inner_opt is not None:
+            self.optimizer = WrappedOptimizer(inner_opt, self)
+        logger.info("mixprec: wrapped with %s\n%s", self.mode_name, self.summary)
+        if self.optimizer is None:
+            return self.module
+        return self.module, self.optimizer
+
+    def _validate(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise WrapError(f"wrap() needs a torch.nn.Module, got {type(model).__name__}.")
+        if is_wrapped(model):
+            raise AlreadyWrappedError(
+                "This model is already wrapped by mixprec; call mixprec.unwrap(model) first "
+                "to wrap it in another mode."
+            )
+        if self.module is not None:
+            raise AlreadyWrappedError(
+                "This PrecisionWrapper already wraps a model; create a new one for another model."
+            )
+        if optimizer is None:
+            return
+        if isinstance(optimizer, WrappedOptimizer):
+            raise AlreadyWrappedError(
+                "This optimizer is already wrapped by mixprec; pass the plain torch optimizer."
+            )
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise WrapError(f"wrap() needs a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+        own = {id(p) for p in model.parameters()}
+        foreign = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in own]
+        if foreign:
+            raise OptimizerMismatchError(
+                f"The optimizer holds {len(foreign)} parameter(s) that are not the model's; "
+                "mixprec converts only the model, so make them part of the model (e.g. an "
+                "nn.Parameter attribute) or give them their own optimizer."
+            )
+
+    def _convert(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> torch.optim.Optimizer | None:
+        names_before = _names_by_param(model)
+        lines = [f"mode: {self.precision_mode.describe()}"]
+        lines += self.precision_mode.convert_module(model)
+        names_after = dict(model.named_parameters(remove_duplicate=False))
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        if optimizer is None:
+            self.summary_lines = lines
+            return None
+        lines += _remap_optimizer(optimizer, names_before, names_after)
+        if self.precision_mode.master_weights:
+            self.masters = MasterWeights(optimizer)
+            for model_param, master in self.masters.pairs:
+                self._names[id(master)] = self._names.get(id(model_param), "?")
+            lines.append(self.masters.describe())
+        param_names = {p: self._names.get(id(p), "?") for g in optimizer.param_groups
+                       for p in g["params"]}
+        for om in self.optimizer_modes:
+            optimizer, more = om.convert_optimizer(optimizer, model, param_names)
+            lines += [f"optimizer mode: {om.describe()}", *more]
+        if self.scaler is not None:
+            lines.append(f"dynamic loss scaling: {self.scaler.scale:g} initial, {self.scaler.config()}")
+        self.summary_lines = lines
+        return optimizer
+
+    def add_param_group(self, group: dict[str, Any]) -> None:
+        """Add a param group of the model's parameters (masters are made for it)."""
+        assert self.optimizer is not None
+        inner = self.optimizer.optimizer
+        if self.masters is not None:
+            group = self.masters.add_group(group)
+            for model_param, master in self.masters.pairs:
+                self._names.setdefault(id(master), self._names.get(id(model_param), "?"))
+        inner.add_param_group(group)
+
+    # -- training ------------------------------------------------------------------
+
+    def step_parameters(self) -> list[torch.Tensor]:
+        """The tensors the inner optimizer steps (fp32 masters where they exist)."""
+        assert self.optimizer is not None
+        return [p for g in self.optimizer.optimizer.param_groups for p in g["params"]]
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Backward with the current loss scale; in master-weight modes the
+        gradients are then added to the fp32 masters' gradients."""
+        if self.scaler is not None:
+            loss = loss * self.scaler.scale
+        loss.backward(*args, **kwargs)
+        self._backward_calls += 1
+        if self.masters is not None:
+            self.masters.accumulate_grads()
+
+    def unscale_(self) -> None:
+        """Unscale the gradients and check them for inf/NaN, once per step."""
+        if self._unscaled:
+            return
+        if self.scaler is not None and self._backward_calls == 0 and self._any_grad():
+            raise BackwardError(
+                f"Gradients were computed with loss.backward(), but mode {self.mode_name!r} "
+                "scales the loss; call opt.backward(loss) instead so the gradients are scaled "
+                "and unscaled correctly."
+            )
+        if self.masters is not None:
+            self.masters.accumulate_grads()  # gradients from a plain loss.backward()
+        grads = [p.grad for p in self.step_parameters() if p.grad is not None]
+        if self.scaler is not None:
+            self._found_inf = unscale_and_check(grads, self.scaler.scale)
+        elif self.skip_nonfinite:
+            self._found_inf = non_finite_found(grads)
+        else:
+            self._found_inf = False
+        self._unscaled = True
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Unscale, skip the step on inf/NaN gradients, step, update the scale."""
+        assert self.optimizer is not None, "step() needs a wrapped optimizer"
+        inner = self.optimizer.optimizer
+        if closure is not None:
+            if self.scaler is not None:
+                raise BackwardError(
+                    f"Mode {self.mode_name!r} scales the loss, which optimizer closures cannot "
+                    "take part in; compute the loss, call opt.backward(loss), then opt.step()."
+                )
+            with self.precision_mode.optimizer_step_context(inner):
+                result = inner.step(closure)
+            self._after_step(found_inf=False)
+            return result
+        self.unscale_()
+        result = None
+        if self._found_inf:
+            self._record_skip()
+        else:
+            with self.precision_mode.optimizer_step_context(inner):
+                result = inner.step()
+            if self.masters is not None:
+                self.masters.copy_to_model()
+        self._after_step(self._found_inf)
+        return result
+
+    def _after_step(self, found_inf: bool) -> None:
+        self.steps += 1
+        if not found_inf:
+            self.skip_streak = 0
+        if self.scaler is not None:
+            self.scaler.update(found_inf)
+        self._backward_calls = 0
+        self._unscaled = False
+        self._found_inf = False
+
+    def _record_skip(self) -> None:
+        self.skipped_steps += 1
+        self.skip_streak += 1
+        for p in self.step_parameters():
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                self.last_nonfinite_param = self._names.get(id(p), "?")
+                break
+        logger.debug("mixprec: skipped step %d: non-finite gradient in %s",
+                     self.steps, self.last_nonfinite_param)
+        if self.skip_streak == self.collapse_patience:
+            scale = "" if self.scaler is None else f" (loss scale now {self.scaler.scale:g})"
+            warnings.warn(
+                f"The last {self.skip_streak} optimizer steps were all skipped because of "
+                f"inf/NaN gradients{scale}; the first non-finite gradient is in parameter "
+                f"{self.last_nonfinite_param!r}. The model produces non-finite gradients at "
+                "any scale: check the inputs and learning rate, or use a bf16 mode.",
+                MixprecWarning, stacklevel=4,
+            )
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        assert self.optimizer is not None
+        self.optimizer.optimizer.zero_grad(set_to_none)
+        if self.masters is not None:
+            self.masters.zero_model_grads(set_to_none)
+        self._backward_calls = 0
+        self._unscaled = False
+
+    def _any_grad(self) -> bool:
+        if any(p.grad is not None for p in self.step_parameters()):
+            return True
+        return self.masters is not None and self.masters.model_has_grads()
+
+    # -- checkpoints -----------------------------------------------------------------
+
+    def _module_state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        assert self.module is not None
+        inner = self.module.module
+        state = inner.state_dict(*args, **kwargs)
+        if self.masters is not None:
+            prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+            keep_vars = kwargs.get("keep_vars", args[2] if len(args) > 2 else False)
+            by_param = {id(m): mst for m, mst in self.masters.pairs}
+            for name, p in inner.named_parameters(remove_duplicate=False):
+                master = by_param.get(id(p))
+                if master is not None and prefix + name in state:
+                    state[prefix + name] = master if keep_vars else master.detach()
+        return self.precision_mode.module_state_dict(inner, state)
+
+    def _load_module_state_dict(self, state: Mapping[str, Any], strict: bool, assign: bool) -> Any:
+        assert self.module is not None
+        inner = self.module.module
+        if assign:
+            raise CheckpointError(
+                "load_state_dict(assign=True) would replace the wrapped parameters; "
+                "load with assign=False (the default)."
+            )
+        result = self.precision_mode.load_module_state_dict(inner, state, strict)
+        if self.masters is not None:
+            self.masters.load_from(dict(inner.named_parameters(remove_duplicate=False)), state)
+        return result
+
+    def _precision_state(self) -> dict[str, Any]:
+        return {
+            "format": _CHECKPOINT_FORMAT,
+            "mode": self.mode_name,
+            "options": self.precision_mode.options(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "mode_state": self.precision_mode.state_dict(),
+        }
+
+    def _load_precision_state(self, state: Mapping[str, Any]) -> None:
+        mode = state.get("mode")
+        if mode != self.mode_name:
+            raise CheckpointError(
+                f"The checkpoint was saved in mode {mode!r} but this wrapper runs "
+                f"{self.mode_name!r}; wrap with mode={mode!r} to resume it, or load only the "
+                "model weights with model.load_state_dict()."
+            )
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.steps = int(state.get("steps", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.precision_mode.load_state_dict(state.get("mode_state") or {})
+
+    def _optimizer_state_dict(self) -> dict[str, Any]:
+        assert self.optimizer is not None
+        state = self.optimizer.optimizer.state_dict()
+        state["mixprec"] = self._precision_state()
+        return state
+
+    def _load_optimizer_state_dict(self, state: Mapping[str, Any]) -> None:
+        assert self.optimizer is not None
+        state = dict(state)
+        extra = state.pop("mixprec", None)
+        if extra is not None:
+            self._load_precision_state(extra)  # checks the mode before touching anything
+        inner = self.optimizer.optimizer
+        with self.precision_mode.optimizer_step_context(inner):
+            inner.load_state_dict(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything to resume exactly: model (fp32 masters where they exist),
+        optimizer, scaler, mode and options. Loads with ``weights_only=True``."""
+        assert self.module is not None
+        out: dict[str, Any] = {"model": self.module.state_dict()}
+        if self.optimizer is not None:
+            out["optimizer"] = self.optimizer.state_dict()
+        else:
+            out["mixprec"] = self._precision_state()
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore a :meth:`state_dict` into this (freshly) wrapped pair."""
+        assert self.module is not None
+        if "model" not in state:
+            raise CheckpointError(
+                "This is not a mixprec checkpoint (no 'model' entry); load model and optimizer "
+                "state dicts separately with model.load_state_dict() / opt.load_state_dict()."
+            )
+        if self.optimizer is not None and "optimizer" in state:
+            extra = state["optimizer"].get("mixprec")
+            if extra is not None and extra.get("mode") != self.mode_name:
+                self._load_precision_state(extra)  # raises the mode-mismatch error
+        self.module.load_state_dict(state["model"], strict=strict)
+        if self.optimizer is not None and "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        elif "mixprec" in state:
+            self._load_precision_state(state["mixprec"])
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    devices = {t.device for t in (*model.parameters(), *model.buffers())}
+    if len(devices) > 1:
+        raise WrapError(
+            f"The model's tensors are on several devices ({', '.join(sorted(map(str, devices)))}); "
+            "move it to one device before wrapping."
+        )
+    return devices.pop() if devices else torch.device("cpu")
+
+
+def _names_by_param(model: torch.nn.Module) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
+
+
+def _remap_optimizer(
+    optimizer: torch.optim.Optimizer, names_before: dict[int, list[str]],
+    names_after: dict[str, torch.nn.Parameter],
+) -> list[str]:
+    """Point the optimizer at the converted model's parameters.
+
+    A parameter still in the model stays; one replaced at the same name by a
+    trainable tensor is swapped for it (state moved); one that left the model or
+    was frozen leaves the optimizer with its state.
+    """
+    live = {id(p) for p in names_after.values()}
+    replaced, dropped = 0, []
+    for group in optimizer.param_groups:
+        params = []
+        for p in group["params"]:
+            if id(p) in live and p.requires_grad:
+                params.append(p)
+                continue
+            new = None if id(p) in live else next(
+                (names_after[n] for n in names_before.get(id(p), []) if n in names_after), None)
+            state = optimizer.state.pop(p, None)
+            if new is not None and new.requires_grad:
+                params.append(new)
+                if state:
+                    optimizer.state[new] = {
+                        k: v.to(new.dtype) if torch.is_tensor(v) and v.is_floating_point()
+                        and v.shape == new.shape else v for k, v in state.items()
+                    }
+                replaced += 1
+            else:
+                dropped.append(names_before.get(id(p), ["?"])[0])
+        group["params"] = params
+    lines = []
+    if replaced:
+        lines.append(f"optimizer: {replaced} parameters remapped to their converted tensors")
+    if dropped:
+        shown = ", ".join(dropped[:8]) + (" …" if len(dropped) > 8 else "")
+        lines.append(f"optimizer: {len(dropped)} frozen or removed parameters left it: {shown}")
+    return lines
+
+
+# -- module-level API -------------------------------------------------------------------
+
+
+@overload
+def wrap(model: torch.nn.Module, optimizer: None = None, mode: ModeLike = ..., **options: Any) -> WrappedModule: ...
+@overload
+def wrap(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, mode: ModeLike = ..., **options: Any
+) -> tuple[WrappedModule, WrappedOptimizer]: ...
+
+
+def wrap(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+    mode: ModeLike = "32-true", **options: Any,
+) -> WrappedModule | tuple[WrappedModule, WrappedOptimizer]:
+    """Run ``model`` (and ``optimizer``) in ``mode``.
+
+    Returns ``(model, optimizer)`` — or the model alone when no optimizer is
+    given — sharing one :class:`PrecisionWrapper`. Keyword ``options`` go to the
+    :class:`PrecisionWrapper` and the named precision mode
+    (``wrap(model, opt, "bf16-true", master_weights=True)``). Atomic: if it raises,
+    model and optimizer are exactly as before.
+    """
+    return PrecisionWrapper(mode, **options).wrap(model, optimizer)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Return the plain module inside a wrapped one, for export.
+
+    Where the mode keeps fp32 masters the parameters get the master values (the
+    module becomes fp32). The wrapper is finished afterwards: keep training with
+    a new ``wrap``. A module that is not wrapped is returned as it is.
+    """
+    if not isinstance(model, WrappedModule):
+        return model
+    precision = model.precision
+    inner = model.module
+    if precision.masters is not None:
+        precision.masters.move_to_model()
+        precision.masters = None
+    _WRAPPED.discard(inner)
+    return precision.precision_mode.unwrap_module(inner)
+
+
+@contextlib.contextmanager
+def init_module(
+    mode: ModeLike = "32-true", device: torch.device | str | None = None, **options: Any
+) -> Iterator[PrecisionWrapper]:
+    """Build a model directly in ``mode``'s dtype (and on ``device``, e.g. ``"meta"``).
+
+    Yields the :class:`PrecisionWrapper`, ready for ``.wrap(model, opt)``. The
+    default dtype is restored when the block ends, also on errors.
+    """
+    precision = PrecisionWrapper(mode, **options)
+    with precision.init_module(device):
+        yield precision
