@@ -1,0 +1,1 @@
+raise ImportError("this entry point is broken on purpose (mixprec test plugin)")
