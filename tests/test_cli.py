@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from mixprec._cli import main
+
+
+def test_modes_lists_every_mode_its_provider_and_broken_plugins(capsys):
+    assert main(["modes"]) == 0
+    out = capsys.readouterr().out
+    for mode in ("32-true", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"):
+        assert f"\n{mode} " in out
+    assert "testplugin-rounded" in out and "mixprec-testplugin 0.0.1" in out
+    assert "broken plugins:" in out and "mixprec-testplugin-broken: ImportError" in out
+
+
+def test_the_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "mixprec._cli", "modes"], capture_output=True,
+                         text=True, check=True, env={"MIXPREC_LOAD_PLUGINS": "", "PATH": ""})
+    assert "bf16-mixed" in out.stdout and "testplugin" not in out.stdout
