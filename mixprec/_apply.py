@@ -23,7 +23,7 @@ def apply_to_float_tensors(data: Any, fn: Callable[[torch.Tensor], torch.Tensor]
     if isinstance(data, Mapping):
         items = {k: apply_to_float_tensors(v, fn) for k, v in data.items()}
         try:
-            return type(data)(items)
+            return type(data)(items)  # type: ignore[call-arg]
         except TypeError:
             return items
     if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple

@@ -19,7 +19,7 @@ class Journal:
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         self._modules: list[tuple[torch.nn.Module, type, bool, dict[str, dict[Any, Any]]]] = []
-        self._params: dict[int, tuple[torch.nn.Parameter, torch.Tensor, bool, torch.Tensor | None]] = {}
+        self._params: dict[int, tuple[Any, torch.Tensor, bool, torch.Tensor | None]] = {}
         for m in module.modules():
             dicts = {k: dict(getattr(m, k)) for k in _MODULE_DICTS if hasattr(m, k)}
             self._modules.append((m, type(m), m.training, dicts))

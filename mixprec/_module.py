@@ -59,7 +59,7 @@ class WrappedModule(torch.nn.Module):
         mode = self._mode
         args, kwargs = mode.convert_input((args, kwargs))
         with mode.forward_context():
-            output = self._modules["_module"](*args, **kwargs)
+            output = self.module(*args, **kwargs)
         return mode.convert_output(output)
 
     def __getattr__(self, name: str) -> Any:
@@ -106,7 +106,7 @@ class WrappedModule(torch.nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        _WRAPPED.add(self._modules["_module"])
+        _WRAPPED.add(self.module)
 
     def __repr__(self) -> str:
         return f"WrappedModule(mode={self._mode.describe()}, module={self.module!r})"

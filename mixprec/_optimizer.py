@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,11 +38,11 @@ class WrappedOptimizer(torch.optim.Optimizer):
     def param_groups(self, value: list[dict[str, Any]]) -> None:
         self.optimizer.param_groups = value
 
-    @property  # type: ignore[override]
+    @property  # type: ignore[override, misc]
     def state(self) -> Any:
         return self.optimizer.state
 
-    @property  # type: ignore[override]
+    @property  # type: ignore[override, misc]
     def defaults(self) -> dict[str, Any]:
         return self.optimizer.defaults
 
@@ -106,6 +106,3 @@ class WrappedOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"WrappedOptimizer(mode={self.precision.mode_name}, optimizer={self.optimizer!r})"
-
-    def __iter__(self) -> Iterable[Any]:  # pragma: no cover - optimizers are not iterable
-        raise TypeError("'WrappedOptimizer' object is not iterable")

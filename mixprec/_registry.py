@@ -126,7 +126,7 @@ class Registry:
                 continue
             dist, version = self._dists.get(plugin, (plugin, "registered by hand"))
             try:
-                specs = list(impl.function())
+                specs: list[Any] = list(impl.function())  # type: ignore[call-overload]
                 for spec in specs:
                     _check_spec(spec)
             except Exception as exc:

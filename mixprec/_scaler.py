@@ -137,7 +137,7 @@ def unscale_and_check(grads: Sequence[torch.Tensor], scale: float) -> bool:
 
 def non_finite_found(grads: Sequence[torch.Tensor]) -> bool:
     """True if any gradient holds inf/NaN (one read of each gradient, one sync)."""
-    maxima = []
+    maxima: list[torch.Tensor] = []
     for group in _grouped(grads).values():
         maxima.extend(torch._foreach_norm(group, math.inf))
     if not maxima:

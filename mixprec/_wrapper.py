@@ -76,8 +76,7 @@ class PrecisionWrapper:
 
     @classmethod
     def _for_copy(cls, module: WrappedModule) -> PrecisionWrapper:
-        self = cls.__new__(cls)
-        self.__init__(module._mode)  # type: ignore[misc]
+        self = cls(module._mode)
         self.module = module
         return self
 
@@ -258,7 +257,7 @@ class PrecisionWrapper:
             self._after_step(found_inf=False)
             return result
         self.unscale_()
-        result = None
+        result: Any = None
         if self._found_inf:
             self._record_skip()
         else:
