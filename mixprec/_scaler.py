@@ -142,10 +142,10 @@ def non_finite_found(grads: Sequence[torch.Tensor]) -> bool:
     inf-norm through ``torch._foreach_norm`` is ~50x slower there). A sum can
     only overflow for gradients near the dtype's maximum, which are worth
     skipping anyway; fp16 is summed in fp32 so large but finite fp16
-    gradients are not mistaken for overflows.
+    gradients are not mistaken for overflows (bf16 has fp32's range).
     """
     for (_, dtype), group in _grouped(grads).items():
-        acc = torch.float64 if dtype is torch.float64 else torch.float32
+        acc = torch.float32 if dtype is torch.float16 else None  # fp16 sums overflow early
         if not bool(torch.isfinite(torch.stack([g.sum(dtype=acc) for g in group])).all()):
             return True
     return False
