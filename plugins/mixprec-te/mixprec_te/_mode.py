@@ -1,0 +1,357 @@
+"""``TransformerEngineMode``: FP8 training through NVIDIA Transformer Engine."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+import mixprec
+from mixprec.exceptions import CheckpointError, ModeOptionError
+
+from ._convert import BUILT, cast_floating, convert_layers, revert_layers, torch_layers_as_te
+from ._hardware import check_hardware
+from ._policy import LayerPlan, plan_layers
+from ._recipe import build_recipe, describe_recipe, is_te_recipe, normalize_recipe
+from ._te import fp8_autocast, is_te_module, load_recipe_module, load_te
+
+__all__ = ["TransformerEngineMode"]
+
+logger = logging.getLogger("mixprec.te")
+
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "16": torch.float16, "fp16": torch.float16, "float16": torch.float16,
+    "32": torch.float32, "fp32": torch.float32, "float32": torch.float32,
+}
+_NAMES = {torch.bfloat16: "transformer-engine", torch.float16: "transformer-engine-float16"}
+_SCALER_KEYS = ("init_scale", "growth_factor", "backoff_factor", "growth_interval",
+                "min_scale", "max_scale", "hysteresis")
+
+
+def _dtype(value: Any, allowed: tuple[torch.dtype, ...], what: str) -> torch.dtype:
+    dtype = _DTYPES.get(value) if isinstance(value, str) else value
+    if dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise ModeOptionError(f"Unsupported {what} {value!r}; use one of {names}.")
+    return dtype  # type: ignore[no-any-return]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class TransformerEngineMode(mixprec.PrecisionMode):
+    """Linear layers (and norms) as Transformer Engine layers, the forward in FP8.
+
+    ``transformer-engine`` keeps the weights in bf16, ``transformer-engine-float16``
+    in fp16 with dynamic loss scaling and fp32 master weights. GEMMs of converted
+    ``Linear`` layers run in FP8 under TE's autocast with ``recipe``; other ops run
+    under ``torch.autocast`` to ``fallback_dtype``.
+
+    :param weights_dtype: ``"bf16"`` or ``"fp16"`` (or the torch dtype).
+    :param recipe: the FP8 recipe: a TE recipe object (``DelayedScaling(...)``,
+        ``Float8CurrentScaling(...)``), a dict such as ``{"fp8_format": "HYBRID",
+        "amax_history_len": 16, "amax_compute_algo": "max"}`` (``"scaling":
+        "current"`` for current scaling), or None for TE's ``DelayedScaling()``.
+    :param replace_layers: replace ``nn.Linear``/``LayerNorm``/``RMSNorm`` with TE
+        layers; False for models that already use TE layers where they should.
+    :param fallback_dtype: autocast dtype for ops TE does not run in FP8 (default:
+        ``weights_dtype``; ``"fp32"`` turns autocast off).
+    :param ignore_modules: dotted-name prefixes or globs of modules to leave alone.
+    :param master_weights: keep fp32 master weights in the optimizer. Default: off
+        for bf16 (as Lightning), on for fp16, where it is required (torch's Adam
+        cannot step fp16 parameters: its ``eps`` rounds to 0).
+    :param keep_output_dtype: return outputs in their compute dtype, not fp32.
+    :param scaler_options: loss-scaler options (fp16 only), see :class:`mixprec.LossScaler`.
+    """
+
+    def __init__(
+        self,
+        weights_dtype: str | torch.dtype = "bf16",
+        *,
+        recipe: Mapping[str, Any] | Any | None = None,
+        replace_layers: bool = True,
+        fallback_dtype: str | torch.dtype | None = None,
+        ignore_modules: str | Iterable[str] = (),
+        master_weights: bool | None = None,
+        keep_output_dtype: bool = False,
+        **scaler_options: Any,
+    ) -> None:
+        self.weights_dtype = _dtype(weights_dtype, (torch.bfloat16, torch.float16), "weights_dtype")
+        self.name = _NAMES[self.weights_dtype]
+        fp16 = self.weights_dtype is torch.float16
+        self.fallback_dtype = (self.weights_dtype if fallback_dtype is None else _dtype(
+            fallback_dtype, (torch.bfloat16, torch.float16, torch.float32), "fallback_dtype"))
+        if recipe is None or isinstance(recipe, Mapping):
+            self.recipe_spec: dict[str, Any] | None = None if recipe is None else normalize_recipe(recipe)
+            self._recipe: Any = None
+        elif is_te_recipe(recipe):
+            self.recipe_spec, self._recipe = None, recipe
+        else:
+            raise ModeOptionError(
+                f"recipe must be a Transformer Engine recipe object or a dict, got "
+                f"{type(recipe).__name__}; for example {{'fp8_format': 'HYBRID', "
+                "'amax_history_len': 16, 'amax_compute_algo': 'max'}."
+            )
+        if not isinstance(replace_layers, bool):
+            raise ModeOptionError(f"replace_layers must be True or False, got {replace_layers!r}.")
+        self.replace_layers = replace_layers
+        if isinstance(ignore_modules, str):
+            ignore_modules = (ignore_modules,)
+        self.ignore_modules = tuple(ignore_modules)
+        if not all(isinstance(p, str) and p for p in self.ignore_modules):
+            raise ModeOptionError(
+                "ignore_modules must be module names or globs (non-empty strings), such as "
+                "{'lm_head', 'blocks.*.attn'}."
+            )
+        if master_weights is False and fp16:
+            raise ModeOptionError(
+                f"{self.name} needs master_weights (fp32 copies for the optimizer): torch's "
+                "optimizers cannot step fp16 weights (Adam's eps=1e-8 rounds to 0 in fp16); "
+                "leave master_weights at its default or use 'transformer-engine' (bf16)."
+            )
+        self.master_weights = bool(fp16 if master_weights is None else master_weights)
+        self._master_default = master_weights is None
+        self.needs_scaling = fp16
+        self.keep_output_dtype = bool(keep_output_dtype)
+        unknown = sorted(set(scaler_options) - set(_SCALER_KEYS))
+        if unknown:
+            raise ModeOptionError(
+                f"{self.name} does not take option(s) {', '.join(map(repr, unknown))}; "
+                f"loss-scaler options are {', '.join(_SCALER_KEYS)}."
+            )
+        if scaler_options and not fp16:
+            raise ModeOptionError(
+                f"Loss-scaler options ({', '.join(sorted(scaler_options))}) apply only to "
+                "'transformer-engine-float16'; bf16 weights need no loss scaling."
+            )
+        self._scaler_options = dict(scaler_options)
+        if fp16:
+            mixprec.LossScaler(**scaler_options)  # validate now, before anything is wrapped
+        self.device: torch.device | None = None
+        self.plan: LayerPlan | None = None
+
+    # -- description ----------------------------------------------------------
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return self.weights_dtype
+
+    def options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"recipe": self.recipe_options()}
+        if not self.replace_layers:
+            opts["replace_layers"] = False
+        if self.fallback_dtype is not self.weights_dtype:
+            opts["fallback_dtype"] = _dtype_name(self.fallback_dtype)
+        if self.ignore_modules:
+            opts["ignore_modules"] = list(self.ignore_modules)
+        if not self._master_default:
+            opts["master_weights"] = self.master_weights
+        if self.keep_output_dtype:
+            opts["keep_output_dtype"] = True
+        opts.update(self._scaler_options)
+        return opts
+
+    def recipe_options(self) -> dict[str, Any]:
+        """The recipe as plain values (the dict given, or a recipe object's fields)."""
+        if self._recipe is not None and self.recipe_spec is None:
+            return describe_recipe(self._recipe)
+        return dict(self.recipe_spec or {"scaling": "delayed"})
+
+    @property
+    def recipe(self) -> Any:
+        """The Transformer Engine recipe object (built on first use; needs TE)."""
+        if self._recipe is None:
+            self._recipe = build_recipe(self.recipe_spec, load_recipe_module(self.name))
+        return self._recipe
+
+    # -- checks -----------------------------------------------------------------
+
+    def validate(self, module: torch.nn.Module, device: torch.device) -> None:
+        te = load_te(self.name)
+        recipe = self.recipe
+        self._check_hardware(te, device, recipe)
+
+    def _check_hardware(self, te: Any, device: torch.device, recipe: Any) -> None:
+        """The device checks (CUDA, compute capability >= 8.9, TE's verdict)."""
+        check_hardware(te, device, self.name, recipe)
+
+    def layer_plan(self, module: torch.nn.Module, te: Any = None) -> LayerPlan:
+        """What wrapping would do to each layer of ``module`` (changes nothing).
+
+        :param te: ``transformer_engine.pytorch`` if available (it decides whether
+            ``RMSNorm`` converts); without it TE's ``RMSNorm`` is assumed present.
+        """
+        return plan_layers(
+            module, ignore_modules=self.ignore_modules,
+            te_has_rmsnorm=te is None or hasattr(te, "RMSNorm"), built_by_mixprec=BUILT,
+        )
+
+    # -- conversion ---------------------------------------------------------------
+
+    def convert_module(self, module: torch.nn.Module) -> list[str]:
+        te = load_te(self.name)
+        devices = {t.device for t in (*module.parameters(), *module.buffers())}
+        self.device = devices.pop() if len(devices) == 1 else torch.device("cuda")
+        plan = self.plan = self.layer_plan(module, te)
+        lines: list[str] = []
+        with self._on_device():
+            reverted = revert_layers(module, plan.revert)
+            prebuilt = sum(1 for m in module.modules() if is_te_module(m) and m in BUILT)
+            replaced = []
+            if self.replace_layers and not plan.foreign_te:
+                replaced = convert_layers(te, module, plan, self.weights_dtype, self.device)
+        n_params, n_buffers = cast_floating(module, self.weights_dtype)
+        lines += self._summary(plan, replaced, reverted, prebuilt, n_params, n_buffers)
+        if plan.unmatched_ignores:
+            warnings.warn(
+                f"ignore_modules entries {plan.unmatched_ignores} match no module of the model; "
+                "check the names against model.named_modules().",
+                mixprec.MixprecWarning, stacklevel=4,
+            )
+        kept = plan.shape_kept if self.replace_layers and not plan.foreign_te else []
+        if kept:
+            names = ", ".join(f"{d.name} ({d.reason.split(':')[0]})" for d in kept)
+            warnings.warn(
+                f"{len(kept)} Linear layer(s) stay in {_dtype_name(self.weights_dtype)} because "
+                f"FP8 GEMMs need in/out features divisible by 16: {names}. Pad them to "
+                "multiples of 16, or list them in ignore_modules to keep them on purpose.",
+                mixprec.MixprecWarning, stacklevel=4,
+            )
+        return lines
+
+    def _summary(self, plan: LayerPlan, replaced: list[str], reverted: list[str], prebuilt: int,
+                 n_params: int, n_buffers: int) -> list[str]:
+        lines = []
+        if plan.foreign_te:
+            shown = ", ".join(plan.foreign_te[:4]) + (" …" if len(plan.foreign_te) > 4 else "")
+            lines.append(f"model already holds Transformer Engine layers ({shown}): no layer replaced")
+        elif not self.replace_layers:
+            lines.append("replace_layers=False: no layer replaced")
+        else:
+            by_kind: dict[str, int] = {}
+            for d in plan.to_convert:
+                by_kind[d.kind] = by_kind.get(d.kind, 0) + 1
+            counts = ", ".join(f"{n} nn.{k} -> te.{k}" for k, n in by_kind.items()) or "none"
+            lines.append(f"layers replaced: {counts}")
+            if prebuilt:
+                lines.append(f"already Transformer Engine layers (built by init_module): {prebuilt}")
+            kept = plan.shape_kept
+            if kept:
+                lines.append("kept, shapes FP8 GEMMs cannot take (in/out features must be "
+                             "multiples of 16): " + ", ".join(
+                                 f"{d.name} ({d.reason.split(':')[0]})" for d in kept))
+            for d in plan.decisions:
+                if not d.convert and not d.shape_kept:
+                    lines.append(f"kept: {d.name} (nn.{d.kind}; {d.reason})")
+        if reverted:
+            lines.append(f"back to torch layers (ignore_modules): {', '.join(reverted)}")
+        lines.append(f"cast {n_params} parameters and {n_buffers} buffers to "
+                     f"{_dtype_name(self.weights_dtype)}")
+        autocast = ("no torch.autocast" if self.fallback_dtype is torch.float32 else
+                    f"torch.autocast({self.device.type!r}, {_dtype_name(self.fallback_dtype)})"
+                    if self.device is not None else "")
+        lines.append(f"forward: TE FP8 autocast ({type(self.recipe).__name__}) inside {autocast} "
+                     f"on {self.device}")
+        return lines
+
+    def init_context(self, device: torch.device | str | None = None) -> contextlib.AbstractContextManager[None]:
+        te = load_te(self.name)
+        target = torch.device("cuda") if device is None else torch.device(device)
+        if target.type == "cuda" and target.index is None and torch.cuda.is_available():
+            target = torch.device("cuda", torch.cuda.current_device())
+        if target.type != "meta":
+            self._check_hardware(te, target, self.recipe)
+        return self._init(te, target)
+
+    @contextlib.contextmanager
+    def _init(self, te: Any, target: torch.device) -> Iterator[None]:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.weights_dtype)
+        try:
+            with torch.device(target):
+                if self.replace_layers:
+                    with torch_layers_as_te(te, target):
+                        yield
+                else:
+                    yield
+        finally:
+            torch.set_default_dtype(previous)
+
+    def unwrap_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Turn the TE layers mixprec built back into torch layers (same values)."""
+        names = [n for n, m in module.named_modules() if is_te_module(m) and m in BUILT]
+        revert_layers(module, names)
+        return module
+
+    # -- forward --------------------------------------------------------------------
+
+    def _on_device(self) -> contextlib.AbstractContextManager[Any]:
+        if self.device is not None and self.device.type == "cuda":
+            return torch.cuda.device(self.device)
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def forward_context(self) -> Iterator[None]:  # type: ignore[override]
+        te = load_te(self.name)
+        device_type = self.device.type if self.device is not None else "cuda"
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.weights_dtype)
+        try:
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(self._on_device())
+                if self.fallback_dtype is not torch.float32:
+                    stack.enter_context(torch.autocast(device_type, dtype=self.fallback_dtype))
+                stack.enter_context(fp8_autocast(te, self.recipe))
+                yield
+        finally:
+            torch.set_default_dtype(previous)
+
+    def convert_input(self, data: Any) -> Any:
+        return mixprec.apply_to_float_tensors(data, lambda t: t.to(self.weights_dtype))
+
+    def convert_output(self, data: Any) -> Any:
+        if self.keep_output_dtype:
+            return data
+        return mixprec.apply_to_float_tensors(data, lambda t: t.to(torch.float32))
+
+    # -- backward ---------------------------------------------------------------------
+
+    def create_scaler(self) -> mixprec.LossScaler | None:
+        return mixprec.LossScaler(**self._scaler_options) if self.needs_scaling else None
+
+    # -- checkpoints --------------------------------------------------------------------
+
+    def load_module_state_dict(
+        self, module: torch.nn.Module, state: Mapping[str, Any], strict: bool
+    ) -> Any:
+        """Load weights; a checkpoint of the plain model (no TE FP8 state) loads too.
+
+        TE layers keep their FP8 state (amax history, scales) under ``_extra_state``;
+        when a checkpoint lacks it (it was saved before conversion) the layers start
+        fresh, as they did at conversion. Key mismatches are reported before loading.
+        """
+        expected = module.state_dict(keep_vars=True)
+        extra = {f"{n}._extra_state" if n else "_extra_state"
+                 for n, m in module.named_modules() if is_te_module(m)}
+        missing = [k for k in expected if k not in state and k not in extra]
+        unexpected = [k for k in state if k not in expected]
+        if strict and (missing or unexpected):
+            parts = []
+            if missing:
+                parts.append(f"missing keys {missing[:6]}{' …' if len(missing) > 6 else ''}")
+            if unexpected:
+                parts.append(f"unexpected keys {unexpected[:6]}{' …' if len(unexpected) > 6 else ''}")
+            raise CheckpointError(
+                f"The checkpoint does not fit this {self.name} model ({'; '.join(parts)}); "
+                "wrap the same architecture with the same ignore_modules, or load with "
+                "strict=False."
+            )
+        result = module.load_state_dict(state, strict=False)
+        return type(result)([k for k in result.missing_keys if k not in extra],
+                            result.unexpected_keys)
