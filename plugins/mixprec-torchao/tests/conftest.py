@@ -7,11 +7,11 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+import mixprec_torchao.plugin
 import pytest
 import torch
 
 import mixprec
-import mixprec_torchao.plugin
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -6,11 +6,11 @@ import subprocess
 import sys
 from importlib import metadata
 
+import mixprec_torchao
 import pytest
 import torch
 
 import mixprec
-import mixprec_torchao
 from mixprec.exceptions import MissingDependencyError, ModeOptionError
 
 FP8_MODES = ["fp8-tensorwise", "fp8-rowwise", "fp8-rowwise-gw-hp"]
