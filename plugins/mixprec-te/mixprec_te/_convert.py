@@ -169,7 +169,7 @@ class _ReplacementMeta(type):
 def _replacement(
     original: type[torch.nn.Module], build: Any
 ) -> type[torch.nn.Module]:
-    def __new__(cls: type, *args: Any, **kwargs: Any) -> Any:  # noqa: N807
+    def __new__(cls: type, *args: Any, **kwargs: Any) -> Any:
         if cls is not replacement:  # a subclass defined inside the block
             return original.__new__(cls)
         return build(*args, **kwargs)
@@ -216,7 +216,7 @@ def torch_layers_as_te(
         if layernorm_keep_reason(normalized_shape, elementwise_affine, bias) is not None:
             return layernorm(normalized_shape, eps=eps, elementwise_affine=elementwise_affine,
                              bias=bias, device=device, dtype=dtype)
-        size = normalized_shape if isinstance(normalized_shape, int) else tuple(normalized_shape)[0]
+        size = normalized_shape if isinstance(normalized_shape, int) else next(iter(normalized_shape))
         layer = te.LayerNorm(size, eps=eps, params_dtype=_dtype(dtype),
                              device=device if device is not None else target)
         BUILT.add(layer)
@@ -230,7 +230,7 @@ def torch_layers_as_te(
                                te_rmsnorm is not None) is not None:
             return rmsnorm(normalized_shape, eps=eps, elementwise_affine=elementwise_affine,
                            device=device, dtype=dtype)
-        size = normalized_shape if isinstance(normalized_shape, int) else tuple(normalized_shape)[0]
+        size = normalized_shape if isinstance(normalized_shape, int) else next(iter(normalized_shape))
         layer = te_rmsnorm(size, eps=eps, params_dtype=_dtype(dtype),
                            device=device if device is not None else target)
         BUILT.add(layer)

@@ -26,7 +26,7 @@ import pickle
 import sys
 import types
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -115,7 +115,7 @@ class FP8GlobalStateManager:
     FP8_RECIPE: Any = None
     SUPPORT: tuple[bool, str] = (True, "")
     MXFP8_SUPPORT: tuple[bool, str] = (False, "Device compute capability 10.0 or higher required for MXFP8 execution.")
-    ENTERED: list[Any] = []  # recipes of every autocast entered (for tests)
+    ENTERED: ClassVar[list[Any]] = []  # recipes of every autocast entered (for tests)
 
     @classmethod
     def is_fp8_enabled(cls) -> bool:
@@ -139,7 +139,7 @@ def is_mxfp8_available(return_reason: bool = False) -> Any:
     return support if return_reason else support[0]
 
 
-class autocast:  # noqa: N801  (TE's name)
+class autocast:
     """TE >= 2.8: ``autocast(enabled, calibrating, recipe, amax_reduction_group, _graph)``."""
 
     def __init__(self, enabled: bool = True, calibrating: bool = False, recipe: Any = None,

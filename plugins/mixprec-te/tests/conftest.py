@@ -9,9 +9,9 @@ import _te_standin
 import pytest
 import torch
 from _te_testing import Net
+from mixprec_te import plugin as te_plugin
 
 import mixprec
-from mixprec_te import plugin as te_plugin
 
 
 def _real_te_installed() -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from _te_testing import Net
-
 from mixprec_te import linear_fits, plan_layers
 from mixprec_te._policy import layernorm_keep_reason, matches, rmsnorm_keep_reason
 

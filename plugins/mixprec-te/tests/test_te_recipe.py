@@ -6,9 +6,9 @@ import io
 
 import pytest
 import torch
+from mixprec_te import TransformerEngineMode, build_recipe, describe_recipe, normalize_recipe
 
 from mixprec.exceptions import MissingDependencyError, ModeOptionError
-from mixprec_te import TransformerEngineMode, build_recipe, describe_recipe, normalize_recipe
 
 
 def test_normalize_fills_in_scaling_and_canonical_values():
