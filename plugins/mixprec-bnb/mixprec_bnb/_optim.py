@@ -1,0 +1,219 @@
+"""``BitsandbytesOptimizer``: torch Adam/AdamW replaced by bitsandbytes' 8-bit Adam."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+import mixprec
+from mixprec.exceptions import ModeOptionError, UnsupportedDeviceError, WrapError
+
+from ._deps import require_bitsandbytes
+from ._names import match_name, normalize_patterns
+
+__all__ = ["BitsandbytesOptimizer"]
+
+#: mode name -> (bitsandbytes class name, paged)
+MODES = {
+    "adam8bit": ("Adam8bit", False),
+    "adamw8bit": ("AdamW8bit", False),
+    "paged-adam8bit": ("PagedAdam8bit", True),
+    "paged-adamw8bit": ("PagedAdamW8bit", True),
+}
+
+
+class BitsandbytesOptimizer(mixprec.OptimizerMode):
+    """Replace the user's ``torch.optim.Adam``/``AdamW`` by bitsandbytes' 8-bit Adam.
+
+    Same parameter groups (the group dicts themselves, so schedulers keep
+    working), same learning rates, betas, eps and weight decay. Adam's state is
+    kept in 8 bits (blockwise, 256 values per block) except for the parameters
+    of ``optim_32bit_modules`` (every ``torch.nn.Embedding`` by default) and
+    tensors smaller than ``min_8bit_size``, which keep 32-bit state.
+
+    The 32-bit overrides are registered in a ``GlobalOptimManager`` of this
+    optimizer's own, for exactly its parameters: bitsandbytes' process-wide
+    instance matches overrides by parameter id and position, so entries left by
+    an earlier model could select the wrong tensors. Overrides a module
+    registered there itself (``register_module_override``, as
+    ``bitsandbytes.nn.StableEmbedding`` does) are carried over.
+
+    :param mode: ``"adam8bit"``, ``"adamw8bit"``, ``"paged-adam8bit"`` or
+        ``"paged-adamw8bit"`` (paged: state in CUDA unified memory; CUDA only).
+    :param optim_32bit_modules: module types, or dotted names/globs, whose
+        parameters keep 32-bit Adam state. Default: ``(torch.nn.Embedding,)``.
+    :param min_8bit_size: tensors with fewer elements keep 32-bit state (bitsandbytes'
+        default 4096: for small tensors the block constants cost more than they save).
+    """
+
+    def __init__(
+        self,
+        mode: str = "adamw8bit",
+        *,
+        optim_32bit_modules: Iterable[type[torch.nn.Module] | str] = (torch.nn.Embedding,),
+        min_8bit_size: int = 4096,
+    ) -> None:
+        if mode not in MODES:
+            raise ModeOptionError(
+                f"Unknown bitsandbytes optimizer mode {mode!r}; use one of {', '.join(MODES)}."
+            )
+        require_bitsandbytes(mode)
+        self.name = mode
+        self.class_name, self.paged = MODES[mode]
+        entries = [optim_32bit_modules] if isinstance(optim_32bit_modules, (str, type)) \
+            else list(optim_32bit_modules)
+        self.module_types = tuple(e for e in entries if isinstance(e, type))
+        bad = [e for e in entries if not isinstance(e, (str, type))
+               or (isinstance(e, type) and not issubclass(e, torch.nn.Module))]
+        if bad:
+            raise ModeOptionError(
+                f"optim_32bit_modules takes torch.nn.Module types or dotted module names; got "
+                f"{bad[0]!r}."
+            )
+        self.module_names = normalize_patterns([e for e in entries if isinstance(e, str)],
+                                               "optim_32bit_modules")
+        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) \
+                or min_8bit_size < 0:
+            raise ModeOptionError(f"min_8bit_size must be an int >= 0; got {min_8bit_size!r}.")
+        self.min_8bit_size = min_8bit_size
+
+    def options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {}
+        if self.module_types != (torch.nn.Embedding,) or self.module_names:
+            opts["optim_32bit_modules"] = sorted(
+                [f"{t.__module__}.{t.__qualname__}" for t in self.module_types]
+                + list(self.module_names))
+        if self.min_8bit_size != 4096:
+            opts["min_8bit_size"] = self.min_8bit_size
+        return opts
+
+    def __repr__(self) -> str:
+        return f"BitsandbytesOptimizer({self.name!r})"
+
+    # -- validation --------------------------------------------------------------------------
+
+    def validate(
+        self, optimizer: torch.optim.Optimizer, module: torch.nn.Module, device: torch.device
+    ) -> None:
+        name = type(optimizer).__name__
+        if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+            what = ("a subclass of Adam, whose own step would be lost"
+                    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+                    else "not an Adam optimizer")
+            raise WrapError(
+                f"Optimizer mode {self.name!r} replaces torch.optim.Adam or AdamW, but the "
+                f"optimizer is {name} ({what}); build torch.optim.AdamW(...) or drop "
+                f"'+{self.name}' from the mode."
+            )
+        if optimizer.state:
+            raise WrapError(
+                f"The {name} optimizer already has state (it has taken steps), which 8-bit "
+                f"Adam cannot take over exactly; wrap before the first step, or wrap a fresh "
+                "optimizer and load the checkpoint with opt.load_state_dict() afterwards."
+            )
+        for index, group in enumerate(optimizer.param_groups):
+            where = f"param group {index}"
+            for key, fix in (("amsgrad", "amsgrad=False"), ("maximize", "maximize=False"),
+                             ("differentiable", "differentiable=False")):
+                if group.get(key):
+                    raise WrapError(
+                        f"bitsandbytes 8-bit Adam does not support {key}=True ({where}); "
+                        f"build the {name} with {fix}, or drop '+{self.name}' from the mode."
+                    )
+            if torch.is_tensor(group.get("lr")) or any(torch.is_tensor(b) for b in group["betas"]):
+                raise WrapError(
+                    f"bitsandbytes 8-bit Adam takes float hyper-parameters, but {where} has a "
+                    "tensor lr or betas; pass Python floats."
+                )
+            if group["weight_decay"] and not group.get("decoupled_weight_decay",
+                                                      type(optimizer) is torch.optim.AdamW):
+                raise WrapError(
+                    f"torch.optim.Adam adds weight_decay={group['weight_decay']} to the gradient "
+                    f"(L2, {where}), but bitsandbytes' 8-bit Adam only decays weights decoupled, "
+                    "as AdamW does; use torch.optim.AdamW (and '+adamw8bit') or weight_decay=0."
+                )
+        if self.paged and device.type != "cuda":
+            raise UnsupportedDeviceError(
+                f"Optimizer mode {self.name!r} pages its state through CUDA unified memory "
+                f"and needs a CUDA device, but the model is on {device.type!r}; use "
+                f"'{self.name.removeprefix('paged-')}' instead.",
+                device=device,
+            )
+        if device.type not in ("cpu", "cuda"):
+            raise UnsupportedDeviceError(
+                f"Optimizer mode {self.name!r} runs on the CPU or CUDA, not on {device.type!r}.",
+                device=device,
+            )
+
+    # -- conversion --------------------------------------------------------------------------
+
+    def _overridden_names(self, module: torch.nn.Module) -> dict[str, str]:
+        """Dotted parameter name -> why it keeps 32-bit state."""
+        out: dict[str, str] = {}
+        for mod_name, sub in module.named_modules(remove_duplicate=False):
+            reason = None
+            if isinstance(sub, self.module_types):
+                reason = type(sub).__name__
+            elif mod_name and (pattern := match_name(mod_name, self.module_names)):
+                reason = repr(pattern)
+            if reason is None:
+                continue
+            for p_name, _ in sub.named_parameters(prefix=mod_name, remove_duplicate=False):
+                out.setdefault(p_name, reason)
+        return out
+
+    def convert_optimizer(
+        self,
+        optimizer: torch.optim.Optimizer,
+        module: torch.nn.Module,
+        param_names: Mapping[torch.Tensor, str],
+    ) -> tuple[torch.optim.Optimizer, list[str]]:
+        import bitsandbytes as bnb
+        from bitsandbytes.optim import GlobalOptimManager
+
+        d = optimizer.defaults
+        defaults = {"lr": float(d["lr"]), "betas": tuple(float(b) for b in d["betas"]),
+                    "eps": float(d["eps"]), "weight_decay": float(d["weight_decay"])}
+        cls = getattr(bnb.optim, self.class_name)
+        # The user's group dicts themselves: a scheduler built on them keeps working.
+        new = cls(optimizer.param_groups, **defaults, min_8bit_size=self.min_8bit_size)
+
+        # A GlobalOptimManager for this optimizer only (see the class docstring).
+        manager = GlobalOptimManager.__new__(GlobalOptimManager)
+        manager.initialize()
+        shared = GlobalOptimManager.get_instance()
+        by_identity = {id(getattr(m, attr, None)): config
+                       for m, attr, config in shared.module_weight_config_triple}
+        overridden = self._overridden_names(module)
+        names_by_id = {id(p): n for p, n in param_names.items()}
+        chosen: list[str] = []
+        for group in new.param_groups:
+            for p in group["params"]:
+                config: dict[str, Any] = dict(by_identity.get(id(p), {}))
+                name = names_by_id.get(id(p), "?")
+                if name in overridden:
+                    config["optim_bits"] = 32
+                if config:
+                    manager.pid2config[id(p)] = config
+                    manager.uses_config_override = True
+                    if config.get("optim_bits") == 32:
+                        chosen.append(name)
+        new.mng = manager
+
+        params = [p for g in new.param_groups for p in g["params"]]
+        small = [p for p in params if p.numel() < self.min_8bit_size]
+        kinds = sorted({overridden[n] for n in chosen if n in overridden})
+        lines = [
+            f"optimizer: torch {type(optimizer).__name__} -> bitsandbytes {self.class_name} "
+            f"({len(new.param_groups)} param groups, {len(params)} tensors, hyper-parameters kept)",
+            f"optimizer: 32-bit state for {len(chosen)} tensors"
+            + (f" ({', '.join(kinds)})" if kinds else "")
+            + (f": {', '.join(chosen[:8])}{' …' if len(chosen) > 8 else ''}" if chosen else ""),
+        ]
+        if small:
+            lines.append(f"optimizer: {len(small)} tensors under {self.min_8bit_size} elements "
+                         "keep 32-bit state (min_8bit_size)")
+        return new, lines
+
