@@ -1,0 +1,488 @@
+"""The conformance kit: the core modes pass it, and broken modes fail it with
+messages naming the contract and the fix."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import threading
+import types
+
+import pytest
+import torch
+
+import mixprec
+from mixprec.exceptions import ModeOptionError
+from mixprec.testing import CONTRACTS, ContractViolation, ModeConformance
+
+pytest_plugins = ["pytester"]
+
+
+class Test32True(ModeConformance):
+    mode = "32-true"
+
+
+_STATE_DTYPE_BUG = (
+    "core bug: wrap() keeps existing fp32 Adam state for parameters cast in place to "
+    "fp64/bf16, so the first step fails with 'expected dtype float for `end`'"
+)
+
+
+class Test64True(ModeConformance):
+    mode = "64-true"
+    output_dtype = torch.float64
+
+    @pytest.mark.xfail(raises=ContractViolation, strict=True, reason=_STATE_DTYPE_BUG)
+    def test_an_optimizer_with_state_can_be_wrapped(self):
+        super().test_an_optimizer_with_state_can_be_wrapped()
+
+
+class Test16Mixed(ModeConformance):
+    mode = "16-mixed"
+
+
+class TestBf16Mixed(ModeConformance):
+    mode = "bf16-mixed"
+
+
+class Test16True(ModeConformance):
+    mode = "16-true"
+
+
+class TestBf16True(ModeConformance):
+    mode = "bf16-true"
+
+    @pytest.mark.xfail(raises=ContractViolation, strict=True, reason=_STATE_DTYPE_BUG)
+    def test_an_optimizer_with_state_can_be_wrapped(self):
+        super().test_an_optimizer_with_state_can_be_wrapped()
+
+
+class Test16TrueMasterWeights(ModeConformance):
+    mode = "16-true"
+    options = {"master_weights": True}
+
+
+class TestBf16TrueMasterWeights(ModeConformance):
+    mode = "bf16-true"
+    options = {"master_weights": True}
+
+
+# -- broken modes fail the check of the contract they break ------------------------------------
+
+
+def _plugin(*specs: mixprec.ModeSpec, name: str = "broken_plugin") -> types.ModuleType:
+    module = types.ModuleType(name)
+
+    @mixprec.hookimpl
+    def mixprec_modes():
+        return list(specs)
+
+    module.mixprec_modes = mixprec_modes
+    return module
+
+
+def _violation(case: type[ModeConformance], check: str) -> ContractViolation:
+    with pytest.raises(ContractViolation) as info:
+        getattr(case(), check)()
+    err = info.value
+    assert str(err).startswith(f"mixprec contract '{err.contract}' ({CONTRACTS[err.contract]}) broken")
+    assert err.fix and f"Fix: {err.fix}" in str(err)
+    return err
+
+
+class _InPlaceScale(mixprec.PrecisionMode):
+    """Rescales the weights in place: a failed wrap cannot undo it."""
+
+    name = "inplace-scale"
+
+    def convert_module(self, module):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.mul_(0.5)
+        return ["halved every parameter"]
+
+
+def test_in_place_conversion_breaks_atomic_wrap():
+    class Case(ModeConformance):
+        mode = _InPlaceScale
+
+    err = _violation(Case, "test_wrap_is_atomic_when_convert_module_fails")
+    assert err.contract == "atomic wrap" and err.mode == "_InPlaceScale"
+    assert "parameter 'fc1.weight' changed value" in err.problem
+    assert "instead of writing into existing tensors in place" in err.fix
+
+
+def _record_grad_amax(module, inputs, output):
+    def record(grad):
+        module.grad_amax.copy_(grad.abs().amax())
+
+    if output.requires_grad:
+        output.register_hook(record)
+
+
+class _AmaxHistory(mixprec.TruePrecision):
+    """Tracks the output gradients' amax in a buffer, also on overflowing steps (as
+    an FP8 recipe would), so an inf reaches the model state."""
+
+    def __init__(self):
+        super().__init__("32")
+        self.name = "amax-history"
+
+    def convert_module(self, module):
+        lines = super().convert_module(module)
+        for sub in module.modules():
+            if isinstance(sub, torch.nn.Linear):
+                sub.register_buffer("grad_amax", torch.zeros(()))
+                sub.register_forward_hook(_record_grad_amax)
+        return [*lines, "recording gradient amax of every Linear"]
+
+
+def test_state_updated_from_non_finite_gradients_breaks_no_poisoned_weights():
+    class Case(ModeConformance):
+        mode = _AmaxHistory
+
+    err = _violation(Case, "test_overflow_step_is_skipped_without_poisoning")
+    assert err.contract == "no poisoned weights"
+    assert "inf/NaN after the skipped step" in err.problem and "fc1.grad_amax" in err.problem
+    assert "must ignore non-finite values" in err.fix
+
+
+class _DecayingStep(mixprec.TruePrecision):
+    """Decays the learning rate inside the step with a counter it does not save."""
+
+    def __init__(self):
+        super().__init__("32")
+        self.name = "decaying-step"
+        self.calls = 0
+
+    @contextlib.contextmanager
+    def optimizer_step_context(self, optimizer):
+        self.calls += 1
+        saved = [g["lr"] for g in optimizer.param_groups]
+        for g in optimizer.param_groups:
+            g["lr"] = g["lr"] / self.calls
+        try:
+            yield
+        finally:
+            for g, lr in zip(optimizer.param_groups, saved):
+                g["lr"] = lr
+
+
+def test_state_missing_from_the_checkpoint_breaks_exact_resume():
+    class Case(ModeConformance):
+        mode = _DecayingStep
+
+    err = _violation(Case, "test_resume_is_exact")
+    assert err.contract == "exact resume"
+    assert "not bit-identical" in err.problem and "model.fc1.weight: values differ" in err.problem
+    assert "PrecisionMode.state_dict()/load_state_dict()" in err.fix
+
+
+class _Opaque:
+    """Not a plain value: torch.load(weights_only=True) refuses it."""
+
+
+class _OpaqueState(mixprec.TruePrecision):
+    def __init__(self):
+        super().__init__("32")
+        self.name = "opaque-state"
+
+    def state_dict(self):
+        return {"info": _Opaque()}
+
+
+def test_checkpoints_must_load_with_weights_only():
+    class Case(ModeConformance):
+        mode = _OpaqueState
+
+    err = _violation(Case, "test_resume_is_exact")
+    assert "does not load with weights_only=True" in err.problem
+    assert "plain Python values" in err.fix
+
+
+class _Bf16Outputs(mixprec.TruePrecision):
+    """bf16-true that forgets to give outputs back in fp32."""
+
+    def __init__(self):
+        super().__init__("bf16")
+
+    def convert_output(self, data):
+        return data
+
+
+def test_low_precision_outputs_break_the_output_dtype():
+    class Case(ModeConformance):
+        mode = _Bf16Outputs
+
+    err = _violation(Case, "test_outputs_have_the_documented_dtype_and_values")
+    assert err.contract == "output dtype"
+    assert "returned torch.bfloat16 outputs, expected torch.float32" in err.problem
+    assert "convert_output()" in err.fix
+
+
+class _WrongValues(mixprec.TruePrecision):
+    def __init__(self):
+        super().__init__("32")
+        self.name = "wrong-values"
+
+    def convert_output(self, data):
+        return mixprec.apply_to_float_tensors(data, lambda t: t * 2)
+
+
+def test_outputs_far_from_the_fp32_model_are_reported():
+    class Case(ModeConformance):
+        mode = _WrongValues
+
+    err = _violation(Case, "test_outputs_have_the_documented_dtype_and_values")
+    assert "differ from the unwrapped fp32 model by 1 (relative norm)" in err.problem
+
+
+class _SilentCast(mixprec.TruePrecision):
+    """Casts to bf16 but says nothing about it."""
+
+    def __init__(self):
+        super().__init__("bf16")
+
+    def convert_module(self, module):
+        super().convert_module(module)
+        return []
+
+
+def test_an_unreported_conversion_breaks_honest_conversions():
+    class Case(ModeConformance):
+        mode = _SilentCast
+
+    err = _violation(Case, "test_summary_shows_what_the_mode_changed")
+    assert err.contract == "honest conversions"
+    assert "parameter 'fc1.weight' has dtype torch.bfloat16, was torch.float32" in err.problem
+    assert "returned no summary lines" in err.problem
+
+
+class _NoInitDtype(mixprec.TruePrecision):
+    """bf16 parameters, but init_module builds the model in fp32."""
+
+    def __init__(self):
+        super().__init__("bf16")
+
+    def init_context(self, device=None):
+        return contextlib.nullcontext()
+
+
+class _LeakyInitDtype(mixprec.TruePrecision):
+    """Sets the default dtype but does not restore it when the block raises."""
+
+    def __init__(self):
+        super().__init__("bf16")
+
+    @contextlib.contextmanager
+    def init_context(self, device=None):
+        torch.set_default_dtype(torch.bfloat16)
+        yield
+        torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize(("mode", "problem", "fix"), [
+    (_NoInitDtype, "parameters built under init_module are torch.float32, expected torch.bfloat16",
+     "Set the default dtype in init_context()"),
+    (_LeakyInitDtype, "the default dtype is torch.bfloat16 after an error inside the init_module "
+     "block, was torch.float32", "in a finally: block"),
+])
+def test_init_module_dtype_and_its_restoration_are_checked(mode, problem, fix):
+    class Case(ModeConformance):
+        pass
+
+    Case.mode = mode
+    err = _violation(Case, "test_init_module_builds_in_the_modes_dtype")
+    assert err.contract == "init_module" and problem in err.problem and fix in err.fix
+    assert torch.get_default_dtype() is torch.float32  # the kit put it back
+
+
+class _HoldsALock(mixprec.TruePrecision):
+    def __init__(self):
+        super().__init__("bf16")
+        self.lock = threading.Lock()
+
+
+def test_unpicklable_mode_state_breaks_copies():
+    class Case(ModeConformance):
+        mode = _HoldsALock
+
+    err = _violation(Case, "test_deepcopy_pickle_and_torch_save")
+    assert err.contract == "copies"
+    assert err.problem.startswith("copy.deepcopy of the wrapped model failed: TypeError")
+    assert "no lambdas, locks" in err.fix
+
+
+class _RenamesWeights(mixprec.PrecisionMode):
+    """Moves each Linear's weight to another attribute name: the optimizer loses it."""
+
+    name = "renames-weights"
+
+    def convert_module(self, module):
+        for sub in module.modules():
+            if isinstance(sub, torch.nn.Linear):
+                sub.w = torch.nn.Parameter(sub.weight.detach().clone())
+                del sub.weight
+                sub.register_buffer("weight", sub.w.detach())
+        return ["moved Linear weights to .w"]
+
+
+def test_parameters_lost_by_the_optimizer_are_reported():
+    class Case(ModeConformance):
+        mode = _RenamesWeights
+
+    err = _violation(Case, "test_trains_and_the_optimizer_holds_the_trainable_parameters")
+    assert err.contract == "training"
+    assert "the optimizer has 1 groups and steps 4 tensors; the model has 6 trainable" in err.problem
+    assert "Keep a replaced parameter at the same dotted name" in err.fix
+
+
+class _NoStep(mixprec.TruePrecision):
+    """Sets the learning rate to 0 inside every step."""
+
+    def __init__(self):
+        super().__init__("32")
+        self.name = "no-step"
+
+    @contextlib.contextmanager
+    def optimizer_step_context(self, optimizer):
+        saved = [g["lr"] for g in optimizer.param_groups]
+        for g in optimizer.param_groups:
+            g["lr"] = 0.0
+        try:
+            yield
+        finally:
+            for g, lr in zip(optimizer.param_groups, saved):
+                g["lr"] = lr
+
+
+def test_a_mode_that_stops_training_is_reported_unless_declared():
+    class Case(ModeConformance):
+        mode = _NoStep
+
+    err = _violation(Case, "test_trains_and_the_optimizer_holds_the_trainable_parameters")
+    assert err.contract == "training" and "expected a fall of at least 10%" in err.problem
+    assert "set trainable = False" in err.fix
+
+    class Declared(Case):
+        trainable = False
+
+    Declared().test_trains_and_the_optimizer_holds_the_trainable_parameters()
+
+
+class _BadUnwrap(mixprec.TruePrecision):
+    def __init__(self):
+        super().__init__("32")
+        self.name = "bad-unwrap"
+
+    def unwrap_module(self, module):
+        raise RuntimeError("cannot dequantize")
+
+
+def test_a_failing_unwrap_is_reported():
+    class Case(ModeConformance):
+        mode = _BadUnwrap
+
+    err = _violation(Case, "test_unwrap_gives_a_plain_module")
+    assert err.contract == "unwrap" and "RuntimeError: cannot dequantize" in err.problem
+
+
+class _Quantized(mixprec.TruePrecision):
+    """Takes a ``group_size`` option, but checks it only while converting."""
+
+    def __init__(self, *, group_size: int = 64):
+        super().__init__("32")
+        self.name = "late-check"
+        self.group_size = group_size
+
+    def options(self):
+        return {} if self.group_size == 64 else {"group_size": self.group_size}
+
+    def convert_module(self, module):
+        lines = super().convert_module(module)
+        if self.group_size % 16:
+            raise ModeOptionError(f"group_size must be a multiple of 16, got {self.group_size}.")
+        return lines
+
+
+class _Plain(mixprec.PrecisionMode):
+    """No name of its own: the registry gives it the registered one."""
+
+
+def _ignores_options(**options):
+    return _Plain()
+
+
+def test_options_are_checked_before_anything_changes():
+    class Late(ModeConformance):
+        mode = "late-check"
+        plugin = _plugin(mixprec.ModeSpec("late-check", _Quantized, "checks options late"))
+        bad_options = [({"group_size": 7}, ModeOptionError)]
+
+    err = _violation(Late, "test_bad_options_are_clear_errors_raised_before_any_change")
+    assert err.contract == "clear errors"
+    assert "refused only inside convert_module() (group_size must be a multiple" in err.problem
+    assert "Check options in the factory or validate()" in err.fix
+
+    class Silent(ModeConformance):
+        mode = "silent"
+        plugin = _plugin(mixprec.ModeSpec("silent", _ignores_options, "ignores its options"))
+
+    err = _violation(Silent, "test_bad_options_are_clear_errors_raised_before_any_change")
+    assert err.problem == "options {'mixprec_conformance_no_such_option': 1} were accepted silently."
+    assert "explicit keyword-only parameters instead of **kwargs" in err.fix
+
+
+def test_registration_problems_are_named():
+    class Renamed(ModeConformance):
+        mode = "renamed"
+        plugin = _plugin(mixprec.ModeSpec("renamed", lambda: _OpaqueState(), "builds another name"))
+
+    err = _violation(Renamed, "test_mode_is_registered_with_a_summary")
+    assert err.contract == "registration"
+    assert "the factory of 'renamed' built modes named ['opaque-state']" in err.problem
+
+    class TwoLines(ModeConformance):
+        mode = "two-lines"
+        plugin = _plugin(mixprec.ModeSpec("two-lines", _ignores_options, "first\nsecond"))
+
+    err = _violation(TwoLines, "test_mode_is_registered_with_a_summary")
+    assert "the summary of 'two-lines' is 'first\\nsecond'" in err.problem
+
+
+def test_a_mode_needing_a_newer_plugin_api_is_reported_with_the_reason():
+    class Future(ModeConformance):
+        mode = "from-the-future"
+        plugin = _plugin(mixprec.ModeSpec("from-the-future", _ignores_options, "needs API 2",
+                                          api_version=mixprec.PLUGIN_API_VERSION + 1))
+
+    with pytest.raises(mixprec.exceptions.UnknownModeError):
+        Future().test_mode_is_registered_with_a_summary()  # the factory cannot even be built
+    reg = mixprec.Registry(entry_points=False)
+    reg.register(Future.plugin, name="future")
+    assert "from-the-future" not in reg.modes()
+    assert reg.broken() == {"future:from-the-future": (
+        f"mode 'from-the-future' needs plugin API {mixprec.PLUGIN_API_VERSION + 1}, this mixprec "
+        f"{mixprec.__version__} has {mixprec.PLUGIN_API_VERSION}: upgrade mixprec")}
+
+
+def test_a_heavy_import_in_the_entry_point_module_is_reported(tmp_path, monkeypatch):
+    (tmp_path / "heavy_plugin.py").write_text(
+        "import wave  # stands in for a heavy library\n"
+        "import mixprec\n\n"
+        "@mixprec.hookimpl\n"
+        "def mixprec_modes():\n"
+        "    return [mixprec.ModeSpec('heavy', lambda: mixprec.TruePrecision('32'), 'imports early')]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    heavy_plugin = importlib.import_module("heavy_plugin")
+
+    class Heavy(ModeConformance):
+        mode = "heavy"
+        plugin = heavy_plugin
+        heavy_imports = ("wave",)
+
+    err = _violation(Heavy, "test_entry_point_module_is_cheap")
+    assert err.problem == "importing heavy_plugin and calling its mixprec_modes() imported wave."
+    assert "Import the heavy library inside the mode factory" in err.fix
