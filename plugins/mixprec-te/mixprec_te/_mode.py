@@ -17,7 +17,15 @@ from ._convert import BUILT, cast_floating, convert_layers, revert_layers, torch
 from ._hardware import check_hardware
 from ._policy import LayerPlan, plan_layers
 from ._recipe import build_recipe, describe_recipe, is_te_recipe, normalize_recipe
-from ._te import fp8_autocast, is_te_module, load_recipe_module, load_te
+from ._te import (
+    UNSAFE_PICKLE_ENV,
+    extra_state_refusal,
+    fp8_autocast,
+    is_te_module,
+    load_recipe_module,
+    load_te,
+    te_version,
+)
 
 __all__ = ["TransformerEngineMode"]
 
@@ -334,7 +342,8 @@ class TransformerEngineMode(mixprec.PrecisionMode):
 
         TE layers keep their FP8 state (amax history, scales) under ``_extra_state``;
         when a checkpoint lacks it (it was saved before conversion) the layers start
-        fresh, as they did at conversion. Key mismatches are reported before loading.
+        fresh, as they did at conversion. Key mismatches, and FP8 state the installed
+        TE refuses to unpickle, are reported before anything is loaded.
         """
         expected = module.state_dict(keep_vars=True)
         extra = {f"{n}._extra_state" if n else "_extra_state"
@@ -351,6 +360,18 @@ class TransformerEngineMode(mixprec.PrecisionMode):
                 f"The checkpoint does not fit this {self.name} model ({'; '.join(parts)}); "
                 "wrap the same architecture with the same ignore_modules, or load with "
                 "strict=False."
+            )
+        refused = [key for key in sorted(extra)
+                   if key in state and extra_state_refusal(state[key], key) is not None]
+        if refused:
+            key = refused[0]
+            raise CheckpointError(
+                f"Transformer Engine {te_version()} refuses to load the FP8 delayed-scaling state "
+                f"(amax history and scales) of {len(refused)} layer(s), first {key!r}: TE stores "
+                "it as a pickle, which could run code, and unpickles it only with "
+                f"{UNSAFE_PICKLE_ENV}=1. If the checkpoint is your own, set that variable; or "
+                "drop the '._extra_state' entries from the state dict to restart the FP8 scales "
+                "as after conversion; or train with a stateless recipe ({'scaling': 'current'})."
             )
         result = module.load_state_dict(state, strict=False)
         return type(result)([k for k in result.missing_keys if k not in extra],

@@ -25,6 +25,8 @@ from mixprec.exceptions import MissingDependencyError
 __all__ = [
     "INSTALL_HINT",
     "PIP_PACKAGE",
+    "UNSAFE_PICKLE_ENV",
+    "extra_state_refusal",
     "fp8_autocast",
     "fp8_support",
     "is_te_module",
@@ -112,6 +114,32 @@ def fp8_support(te: ModuleType) -> tuple[bool, str]:
         ok, reason = legacy()
         return bool(ok), str(reason)
     return True, ""
+
+
+#: Recent TE releases unpickle delayed-scaling ``_extra_state`` only with this set to 1.
+UNSAFE_PICKLE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
+
+
+def extra_state_refusal(payload: Any, context: str) -> str | None:
+    """TE's reason for refusing to load the ``_extra_state`` ``payload``, or None.
+
+    Delayed scaling stores its amax history and scales as a pickle inside a
+    ``uint8`` tensor; recent TE releases refuse to unpickle it unless
+    ``NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1`` (a checkpoint's pickle can run code).
+    Asking TE's own classifier first lets mixprec refuse before anything is loaded.
+    """
+    try:
+        checks = importlib.import_module("transformer_engine.pytorch._extra_state")
+    except ImportError:
+        return None  # older TE: loads the pickle as it always did
+    should_load = getattr(checks, "should_load_extra_state_pickle", None)
+    if should_load is None or not hasattr(payload, "numel") or payload.numel() == 0:
+        return None
+    try:
+        should_load(payload.detach().cpu().numpy().tobytes(), context)
+    except RuntimeError as exc:
+        return str(exc)
+    return None
 
 
 def is_te_module(module: object) -> bool:

@@ -10,7 +10,8 @@ class and module names, constructor signatures, parameter registration
 TE's shape assertion for FP8 GEMMs, the delayed-scaling scale update, and the
 FP8 autocast state. ``legacy=True`` gives the TE 1.x surface instead
 (``fp8_autocast(fp8_recipe=)``, ``fp8.check_fp8_support()``, no
-``Float8CurrentScaling``, no ``RMSNorm``).
+``Float8CurrentScaling``, no ``RMSNorm``, delayed-scaling pickles load without
+the opt-in that recent TE asks for).
 
 What it does not copy: the kernels. GEMMs and norms compute in the parameter /
 autocast dtype with torch ops (no FP8 rounding), and layers accept CPU devices
@@ -22,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import os
 import pickle
 import sys
 import types
@@ -185,6 +187,26 @@ def legacy_fp8_autocast(enabled: bool = True, calibrating: bool = False, fp8_rec
     return autocast(enabled=enabled, calibrating=calibrating, recipe=fp8_recipe)
 
 
+# -- transformer_engine.pytorch._extra_state (recent TE) ------------------------------------
+
+UNSAFE_PICKLE_EXTRA_STATE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
+REFUSE_PICKLES = True  # recent TE; build(legacy=True) turns it off
+
+
+def should_load_extra_state_pickle(data: bytes, context: str) -> bool:
+    """TE's gate: delayed-scaling pickles load only with the opt-in set."""
+    if not data:
+        return False
+    if os.getenv(UNSAFE_PICKLE_EXTRA_STATE_ENV, "0") == "1":
+        return True
+    raise RuntimeError(
+        f"Refusing to load pickled Transformer Engine extra state for {context}. "
+        "Delayed-scaling FP8 metadata can be stored as a Python pickle, and loading it "
+        "can execute arbitrary code. Only enable unsafe loading if this checkpoint is from "
+        f"a trusted source. To load it anyway, set {UNSAFE_PICKLE_EXTRA_STATE_ENV}=1."
+    )
+
+
 # -- modules ---------------------------------------------------------------------------------
 
 
@@ -253,6 +275,8 @@ class TransformerEngineBaseModule(torch.nn.Module):
     def set_extra_state(self, state: Any) -> None:
         if state is None or (isinstance(state, torch.Tensor) and state.numel() == 0):
             return
+        if REFUSE_PICKLES:
+            should_load_extra_state_pickle(state.detach().cpu().numpy().tobytes(), "Linear")
         loaded = pickle.loads(state.detach().cpu().numpy().tobytes())
         self.fp8_meta["scale_fwd"] = loaded["scale_fwd"].clone()
         self.fp8_meta["amax_history_fwd"] = loaded["amax_history_fwd"].clone()
@@ -377,18 +401,26 @@ def build(*, legacy: bool = False) -> dict[str, types.ModuleType]:
     else:
         pt_attrs |= {"RMSNorm": RMSNorm, "autocast": autocast, "fp8_autocast": fp8_autocast,
                      "is_fp8_available": is_fp8_available, "is_mxfp8_available": is_mxfp8_available}
+    global REFUSE_PICKLES
+    REFUSE_PICKLES = not legacy
     pytorch = _module("transformer_engine.pytorch", package=True, **pt_attrs)
     recipe = _module("transformer_engine.common.recipe", **recipe_attrs)
     common = _module("transformer_engine.common", package=True, recipe=recipe)
     root = _module("transformer_engine", package=True, __version__=VERSION, common=common,
                    pytorch=pytorch)
-    return {
+    modules = {
         "transformer_engine": root,
         "transformer_engine.common": common,
         "transformer_engine.common.recipe": recipe,
         "transformer_engine.pytorch": pytorch,
         "transformer_engine.pytorch.fp8": fp8,
     }
+    if not legacy:
+        modules["transformer_engine.pytorch._extra_state"] = _module(
+            "transformer_engine.pytorch._extra_state",
+            UNSAFE_PICKLE_EXTRA_STATE_ENV=UNSAFE_PICKLE_EXTRA_STATE_ENV,
+            should_load_extra_state_pickle=should_load_extra_state_pickle)
+    return modules
 
 
 def reset_state() -> None:

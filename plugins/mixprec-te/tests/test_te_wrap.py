@@ -126,7 +126,8 @@ def test_float16_mode_scales_the_loss_and_steps_fp32_masters(te, net):
     assert opt.precision.skipped_steps == 0
 
 
-def test_checkpoint_holds_te_fp8_state_and_resumes_exactly(te):
+def test_checkpoint_holds_te_fp8_state_and_resumes_exactly(te, monkeypatch):
+    monkeypatch.setenv("NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE", "1")  # our own checkpoint
     torch.manual_seed(0)
     mode = {"recipe": {"amax_history_len": 4}}
     model, opt = wrap(Net(), CpuTestMode("bf16", **mode))
@@ -190,3 +191,47 @@ def test_unwrap_gives_back_torch_layers(te, net):
         assert torch.equal(p, masters[name]), name
     tokens, _ = batch(0)
     assert plain(tokens).dtype is torch.float32
+
+
+def _trained_checkpoint(recipe=None):
+    torch.manual_seed(0)
+    model, opt = wrap(Net(), CpuTestMode("bf16", recipe=recipe))
+    train(model, opt, 2)
+    buf = io.BytesIO()
+    torch.save(opt.precision.state_dict(), buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def test_te_that_refuses_pickled_fp8_state_is_reported_before_loading(te, net):
+    state = _trained_checkpoint()
+    model, opt = wrap(net, CpuTestMode("bf16"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError) as info:
+        opt.precision.load_state_dict(state)
+    assert str(info.value).startswith(
+        "Transformer Engine 2.20.0+standin refuses to load the FP8 delayed-scaling state (amax "
+        "history and scales) of 2 layer(s), first 'mlp.0._extra_state': TE stores it as a pickle, "
+        "which could run code, and unpickles it only with NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1.")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # the documented way out: drop the FP8 state, the weights load and the scales restart
+    weights = {k: v for k, v in state["model"].items() if not k.endswith("._extra_state")}
+    model.load_state_dict(weights)
+    assert torch.equal(model.mlp[0].weight, state["model"]["mlp.0.weight"])
+    assert "amax_history_fwd" not in model.mlp[0].fp8_meta
+
+
+def test_older_te_loads_fp8_state_without_the_opt_in(te_legacy, net):
+    state = _trained_checkpoint()
+    model, opt = wrap(net, CpuTestMode("bf16"))
+    opt.precision.load_state_dict(state)
+    assert model.mlp[0].fp8_meta["amax_history_fwd"].abs().sum() > 0
+
+
+def test_current_scaling_has_no_pickled_state_to_refuse(te, net):
+    state = _trained_checkpoint({"scaling": "current"})
+    assert state["model"]["mlp.0._extra_state"].numel() == 0
+    model, opt = wrap(net, CpuTestMode("bf16", recipe={"scaling": "current"}))
+    opt.precision.load_state_dict(state)
+    assert torch.equal(model.mlp[0].weight, state["model"]["mlp.0.weight"])
