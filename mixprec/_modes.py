@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ._apply import apply_to_float_tensors
+from ._distributed import FSDPPlan
 from ._mode import ModeSpec, PrecisionMode, _device_context, default_dtype
 from ._scaler import LossScaler
 from .exceptions import ModeOptionError, UnsupportedDeviceError
@@ -157,6 +158,24 @@ class TruePrecision(_ScalingOptions, PrecisionMode):
             return contextlib.nullcontext()
         return _promoted_params(optimizer, self.dtype, self.optimizer_dtype)
 
+    def fsdp_plan(self) -> FSDPPlan:
+        """FSDP2 (mixprec.distributed.fully_shard): parameters stored and reduced in
+        ``dtype``; with master weights the sharded parameters stay fp32 (they are the
+        masters, rounded to ``dtype`` once as here) and FSDP casts them for compute."""
+        if self.master_weights:
+            return FSDPPlan(param_dtype=self.dtype, reduce_dtype=torch.float32,
+                            storage_dtype=torch.float32)
+        if self.optimizer_dtype is not self.dtype:
+            # _promoted_params swaps .data, which a DTensor parameter does not follow
+            # (its local shard keeps the old dtype: the step would silently run in fp16).
+            raise ModeOptionError(
+                f"{self.name} steps {self.dtype} parameters in {self.optimizer_dtype} through "
+                "temporary copies, which fully_shard-ed (DTensor) parameters cannot take; "
+                f"under FSDP2 use {self.name!r} with master_weights=True (fp32 sharded "
+                f"parameters, {_SHORT[self.dtype]}-bit compute) or '{_SHORT[self.dtype]}-mixed'."
+            )
+        return FSDPPlan()
+
 
 class MixedPrecision(_ScalingOptions, PrecisionMode):
     """fp32 parameters, the forward under ``torch.autocast`` (``16-mixed``, ``bf16-mixed``).
@@ -203,6 +222,13 @@ class MixedPrecision(_ScalingOptions, PrecisionMode):
 
     def forward_context(self) -> contextlib.AbstractContextManager[None]:
         return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def fsdp_plan(self) -> FSDPPlan:
+        """FSDP2 (mixprec.distributed.fully_shard): fp32 sharded parameters, FSDP
+        all-gathers them in ``dtype`` and reduces gradients in fp32; no autocast
+        (``fully_shard(..., autocast=True)`` keeps it)."""
+        return FSDPPlan(param_dtype=self.dtype, reduce_dtype=torch.float32,
+                        forward_context=False)
 
     def convert_output(self, data: Any) -> Any:
         if self.keep_output_dtype:

@@ -57,6 +57,8 @@ class WrappedModule(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         mode = self._mode
+        if self._precision is not None:  # DDP: will this forward's backward all-reduce?
+            self._precision._dist.note_forward()
         args, kwargs = mode.convert_input((args, kwargs))
         with mode.forward_context():
             output = self.module(*args, **kwargs)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ._distributed import local_tensor
 from .exceptions import CheckpointError, ModeOptionError
 
 __all__ = ["LossScaler", "non_finite_found", "unscale_and_check"]
@@ -118,6 +119,7 @@ class LossScaler:
 def _grouped(grads: Sequence[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for g in grads:
+        g = local_tensor(g)  # FSDP2: check and unscale this rank's shard in place
         groups.setdefault((g.device, g.dtype), []).append(g)
     return groups
 

@@ -10,6 +10,7 @@ from typing import Any, overload
 
 import torch
 
+from ._distributed import DistributedSync, local_tensor
 from ._journal import Journal
 from ._master import MasterWeights
 from ._mode import OptimizerMode, PrecisionMode
@@ -73,6 +74,8 @@ class PrecisionWrapper:
         self._backward_calls = 0
         self._unscaled = False
         self._found_inf = False
+        #: DDP / FSDP2 state: flag all-reduce, gradients held under no_sync (_distributed.py)
+        self._dist = DistributedSync()
 
     @classmethod
     def _for_copy(cls, module: WrappedModule) -> PrecisionWrapper:
@@ -114,6 +117,9 @@ class PrecisionWrapper:
     ) -> WrappedModule | tuple[WrappedModule, WrappedOptimizer]:
         """Apply the mode to ``model`` (and ``optimizer``); atomic: on error nothing changed."""
         self._validate(model, optimizer)
+        # torch.distributed: refuses wrap(DDP(model)); a model sharded by
+        # mixprec.distributed.fully_shard runs through its mode's FSDP plan.
+        self.precision_mode = self._dist.attach(model, self.precision_mode, self.optimizer_modes)
         device = _device_of(model)
         self.precision_mode.validate(model, device)
         for om in self.optimizer_modes:
@@ -218,7 +224,8 @@ class PrecisionWrapper:
             loss = loss * self.scaler.scale
         loss.backward(*args, **kwargs)
         self._backward_calls += 1
-        if self.masters is not None:
+        # Under DDP no_sync() the gradients stay on the model until DDP reduces them.
+        if self.masters is not None and not self._dist.holds_grads_on_model():
             self.masters.accumulate_grads()
 
     def unscale_(self) -> None:
@@ -240,6 +247,9 @@ class PrecisionWrapper:
             self._found_inf = non_finite_found(grads)
         else:
             self._found_inf = False
+        # Every rank must skip the same steps: all-reduce the flag where gradients
+        # differ between ranks (FSDP2 shards, DDP no_sync steps).
+        self._found_inf = self._dist.agree(self._found_inf, grads[0].device if grads else None)
         self._unscaled = True
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -282,7 +292,7 @@ class PrecisionWrapper:
         self.skipped_steps += 1
         self.skip_streak += 1
         for p in self.step_parameters():
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            if p.grad is not None and not bool(torch.isfinite(local_tensor(p.grad)).all()):
                 self.last_nonfinite_param = self._names.get(id(p), "?")
                 break
         logger.debug("mixprec: skipped step %d: non-finite gradient in %s",
