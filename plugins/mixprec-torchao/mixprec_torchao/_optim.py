@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -302,15 +302,21 @@ def _decode(value: Mapping[str, Any], param: torch.Tensor) -> torch.Tensor:
     return cls.__tensor_unflatten__(tensors, list(value["attributes"]), None, None)
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+def state_bytes(
+    optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor] | None = None
+) -> int:
     """Bytes held by an optimizer's per-parameter state, counted from the tensors.
 
     Quantized torchao state counts its parts (codes, block scales, lookup table);
     every other tensor its ``numel() * element_size()``. Works on a wrapped optimizer.
 
+    :param params: count only these parameters' state (default: all).
+
     .. versionadded:: 0.1
     """
-    return sum(_tensor_bytes(v) for s in optimizer.state.values() for v in s.values())
+    states = (optimizer.state.values() if params is None
+              else (optimizer.state[p] for p in params if p in optimizer.state))
+    return sum(_tensor_bytes(v) for s in states for v in s.values())
 
 
 def _tensor_bytes(value: Any) -> int:
