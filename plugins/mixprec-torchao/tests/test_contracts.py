@@ -1,4 +1,4 @@
-"""Exact resume: save, load into a fresh wrap, train on == never stopping (CPU)."""
+"""The contracts every mode keeps: exact resume on CPU, no poisoned weights."""
 
 from __future__ import annotations
 
@@ -42,3 +42,27 @@ def test_resume_is_bit_identical(mode: str, options: dict) -> None:
                                                                                  other.scale)
                 else:
                     assert torch.equal(value, other), key
+
+
+@pytest.mark.parametrize("mode", ["fp8-tensorwise+ao-adamw8bit", "fp8-rowwise-gw-hp+ao-adamw4bit"])
+def test_a_non_finite_step_is_skipped_and_poisons_nothing(mode: str) -> None:
+    model = make_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, opt = wrap_quiet(model, opt, mode)
+    train(model, opt, 2)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    states = {p: {k: (v.dequantize() if hasattr(v, "dequantize") else v).clone()
+                  for k, v in opt.state[p].items()} for p in model.parameters()}
+    x = torch.randn(8, 32)
+    x[0, 0] = float("inf")  # FP8's dynamic scale turns this into NaN everywhere downstream
+    opt.backward(torch.nn.functional.cross_entropy(model(x), torch.zeros(8, dtype=torch.long)))
+    opt.step()
+    opt.zero_grad()
+    assert opt.precision.skipped_steps == 1
+    for name, p in model.named_parameters():
+        assert torch.equal(p, weights[name]), name
+        for key, value in opt.state[p].items():
+            now = value.dequantize() if hasattr(value, "dequantize") else value
+            assert torch.equal(now, states[p][key]), (name, key)
+    losses = train(model, opt, 2, start=2)
+    assert all(torch.isfinite(torch.tensor(losses)))
