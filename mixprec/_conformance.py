@@ -1,5 +1,5 @@
 """Helpers of the conformance kit (:mod:`mixprec.testing`): the contract
-violation error, snapshots of a model and optimizer with a readable diff, the
+names, snapshots of a model and optimizer with a readable diff, the
 default model and data, and the entry-point import probe.
 
 Uses only mixprec's public API, torch and the standard library, like any
@@ -25,7 +25,6 @@ import mixprec
 __all__ = [
     "CONTRACTS",
     "ConformanceNet",
-    "ContractViolation",
     "Snapshot",
     "all_finite",
     "entry_point_imports",
@@ -50,28 +49,6 @@ CONTRACTS: dict[str, str] = {
 }
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-
-
-class ContractViolation(AssertionError):
-    """A mode broke one of mixprec's contracts.
-
-    :ivar contract: the contract's name (a key of ``CONTRACTS``).
-    :ivar problem: what was observed, in a sentence or two.
-    :ivar fix: what the mode's author should change.
-    :ivar mode: the mode under test, as given to ``wrap``.
-    """
-
-    def __init__(self, contract: str, problem: str, fix: str, *, mode: str = "") -> None:
-        self.contract = contract
-        self.problem = problem
-        self.fix = fix
-        self.mode = mode
-        where = CONTRACTS.get(contract, "")
-        by = f" by mode {mode!r}" if mode else ""
-        super().__init__(
-            f"mixprec contract '{contract}' ({where}) broken{by}: {problem.rstrip()} "
-            f"Fix: {fix.rstrip()}"
-        )
 
 
 # -- the default model and data ------------------------------------------------------------
@@ -385,7 +362,7 @@ print(json.dumps(sorted(set(sys.modules) - before)))
 """
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def entry_point_imports(module: str) -> tuple[str, ...]:
     """Modules newly imported (in a fresh interpreter, after ``import mixprec``) by
     importing ``module`` and calling its ``mixprec_modes`` hook."""

@@ -25,6 +25,10 @@ Fixtures, once the plugin is opted in: ``mixprec_registry`` (a fresh registry
 with only the core modes, in use for the test) and ``register_mixprec_plugin``
 (register a plugin object into it; unregistered after the test, also on failure).
 
+The kit raises its own messages, so pytest need not rewrite its asserts
+(PYTEST_DONT_REWRITE; this also keeps pytest quiet when the module was imported
+before the plugin was loaded).
+
 .. versionadded:: 0.1.0
 """
 
@@ -49,7 +53,6 @@ from mixprec.exceptions import MixprecError, ModeOptionError
 from ._conformance import (
     CONTRACTS,
     ConformanceNet,
-    ContractViolation,
     Snapshot,
     all_finite,
     clone_nested,
@@ -104,6 +107,33 @@ def register_mixprec_plugin(mixprec_registry: mixprec.Registry) -> Iterator[Call
 
 
 # -- the conformance suite -------------------------------------------------------------------
+
+
+class ContractViolation(pytest.fail.Exception):  # type: ignore[misc,name-defined]
+    """A mode broke one of mixprec's contracts (a pytest failure).
+
+    pytest shows only the message (which says what broke and how to fix it),
+    unless the violation was caused by an exception in the mode, whose traceback
+    is then shown too.
+
+    :ivar contract: the contract's name (a key of :data:`CONTRACTS`).
+    :ivar problem: what was observed.
+    :ivar fix: what the mode's author should change.
+    :ivar mode: the mode under test, as given to ``wrap``.
+    """
+
+    def __init__(
+        self, contract: str, problem: str, fix: str, *, mode: str = "",
+        cause: BaseException | None = None,
+    ) -> None:
+        self.contract = contract
+        self.problem = problem
+        self.fix = fix
+        self.mode = mode
+        by = f" by mode {mode!r}" if mode else ""
+        message = (f"mixprec contract '{contract}' ({CONTRACTS.get(contract, '')}) broken{by}: "
+                   f"{problem.rstrip()} Fix: {fix.rstrip()}")
+        super().__init__(message, pytrace=cause is not None)
 
 
 def _adamw(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -252,8 +282,10 @@ class ModeConformance:
             return mixprec.PrecisionWrapper(mode, **{**self.options, **extra})
         return mixprec.PrecisionWrapper(mode, **extra)
 
-    def _violation(self, contract: str, problem: str, fix: str) -> ContractViolation:
-        return ContractViolation(contract, problem, fix, mode=self.mode_label())
+    def _violation(
+        self, contract: str, problem: str, fix: str, cause: BaseException | None = None,
+    ) -> ContractViolation:
+        return ContractViolation(contract, problem, fix, mode=self.mode_label(), cause=cause)
 
     @contextlib.contextmanager
     def _session(self) -> Iterator[mixprec.Registry]:
@@ -521,7 +553,7 @@ class ModeConformance:
                 "atomic wrap", f"after a failed wrap() the model cannot be wrapped and trained "
                 f"again: {type(exc).__name__}: {exc}",
                 "Keep the mode's own bookkeeping in objects created per wrap (not in "
-                "module-level state) so a failed attempt leaves nothing behind.") from exc
+                "module-level state) so a failed attempt leaves nothing behind.", cause=exc) from exc
 
     def _wraps_a_stepped_optimizer(self) -> bool:
         model, opt = self._prepared_pair()
@@ -550,7 +582,7 @@ class ModeConformance:
                     "Existing optimizer state must follow a converted parameter: keep the "
                     "parameter object (p.data = ...) or replace it at the same dotted name, and "
                     "make sure the state's dtype is the one the optimizer steps in (cast it in "
-                    "convert_optimizer() or optimizer_step_context()).") from exc
+                    "convert_optimizer() or optimizer_step_context()).", cause=exc) from exc
             self._check_finite(model, opt, "after wrapping a stepped optimizer and two steps")
 
     def test_wrap_is_atomic_when_convert_module_fails(self) -> None:
@@ -774,7 +806,7 @@ class ModeConformance:
                     "init_module", f"a plain fp32 state dict does not load into the wrapped model: "
                     f"{type(exc).__name__}: {exc}",
                     "Convert plain weights in load_module_state_dict(), or set supports_meta_init "
-                    "= False on the test class if the mode cannot load them.") from exc
+                    "= False on the test class if the mode cannot load them.", cause=exc) from exc
             inputs, _ = self.make_batch(0)
             with torch.no_grad():
                 ref = float_tensors(reference(inputs))
@@ -859,7 +891,7 @@ class ModeConformance:
                         "copies", f"{how} of the wrapped model failed: {type(exc).__name__}: {exc}",
                         "Keep only picklable state on the mode object and its layers (no lambdas, "
                         "locks, open handles or library contexts); create such objects lazily or "
-                        "drop them in __getstate__.") from exc
+                        "drop them in __getstate__.", cause=exc) from exc
                 if nested_differences(expected, got) or precision is model.precision or (
                         precision.mode_name != model.precision.mode_name):
                     raise self._violation(
@@ -879,7 +911,7 @@ class ModeConformance:
                 raise self._violation(
                     "unwrap", f"mixprec.unwrap failed: {type(exc).__name__}: {exc}",
                     "Make unwrap_module() turn the converted layers back into plain ones (or "
-                    "return the module as it is).") from exc
+                    "return the module as it is).", cause=exc) from exc
             bad = all_finite(dict(plain.named_parameters()))
             if isinstance(plain, mixprec.WrappedModule) or mixprec.is_wrapped(plain) or bad:
                 raise self._violation(
@@ -926,7 +958,7 @@ class ModeConformance:
                 raise self._violation(
                     "clear errors", f"options {what!r} raised {type(exc).__name__}: {exc}",
                     f"Raise {error.__name__} (a mixprec.MixprecError) with one sentence on what "
-                    "is wrong and what to pass instead.") from exc
+                    "is wrong and what to pass instead.", cause=exc) from exc
             message = str(exc)
             if isinstance(options, dict) and _UNKNOWN_OPTION in options and _UNKNOWN_OPTION not in message:
                 raise self._violation(

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.metadata
 import threading
 import types
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -59,12 +61,12 @@ class TestBf16True(ModeConformance):
 
 class Test16TrueMasterWeights(ModeConformance):
     mode = "16-true"
-    options = {"master_weights": True}
+    options: ClassVar[dict[str, Any]] = {"master_weights": True}
 
 
 class TestBf16TrueMasterWeights(ModeConformance):
     mode = "bf16-true"
-    options = {"master_weights": True}
+    options: ClassVar[dict[str, Any]] = {"master_weights": True}
 
 
 # -- broken modes fail the check of the contract they break ------------------------------------
@@ -417,7 +419,7 @@ def test_options_are_checked_before_anything_changes():
     class Late(ModeConformance):
         mode = "late-check"
         plugin = _plugin(mixprec.ModeSpec("late-check", _Quantized, "checks options late"))
-        bad_options = [({"group_size": 7}, ModeOptionError)]
+        bad_options: ClassVar[list[Any]] = [({"group_size": 7}, ModeOptionError)]
 
     err = _violation(Late, "test_bad_options_are_clear_errors_raised_before_any_change")
     assert err.contract == "clear errors"
@@ -486,3 +488,93 @@ def test_a_heavy_import_in_the_entry_point_module_is_reported(tmp_path, monkeypa
     err = _violation(Heavy, "test_entry_point_module_is_cheap")
     assert err.problem == "importing heavy_plugin and calling its mixprec_modes() imported wave."
     assert "Import the heavy library inside the mode factory" in err.fix
+
+
+# -- the pytest plugin: opt-in, fixtures, what a failing run shows -----------------------------
+
+_INNER = '''
+import mixprec
+import pytest
+import torch
+from mixprec.testing import ModeConformance
+
+SEEN = []
+
+
+class Extra(mixprec.PrecisionMode):
+    pass
+
+
+@mixprec.hookimpl
+def mixprec_modes():
+    return [mixprec.ModeSpec("extra", Extra, "a mode registered by hand")]
+
+
+class NoFp32Outputs(mixprec.TruePrecision):
+    def __init__(self):
+        super().__init__("16")
+
+    def convert_output(self, data):
+        return data
+
+
+class TestBf16Mixed(ModeConformance):
+    mode = "bf16-mixed"
+
+
+class TestBroken(ModeConformance):
+    mode = NoFp32Outputs
+
+
+def test_fresh_registry_with_a_plugin(mixprec_registry, register_mixprec_plugin):
+    assert mixprec.registry() is mixprec_registry
+    assert "extra" not in mixprec_registry.modes()
+    register_mixprec_plugin(__import__(__name__), name="extra-plugin")
+    assert mixprec_registry.modes()["extra"].provider == "extra-plugin"
+    SEEN.append(mixprec_registry)
+
+
+def test_registration_fails_after_registering(mixprec_registry, register_mixprec_plugin):
+    register_mixprec_plugin(__import__(__name__), name="extra-plugin")
+    SEEN.append(mixprec_registry)
+    raise RuntimeError("the test fails after registering")
+
+
+def test_plugins_were_unregistered_after_each_test():
+    assert len(SEEN) == 2 and all("extra" not in reg.modes() for reg in SEEN)
+    assert mixprec.registry() not in SEEN
+'''
+
+
+def test_the_kit_runs_as_an_opt_in_pytest_plugin(pytester):
+    pytester.makeconftest('pytest_plugins = ["mixprec.testing"]\n')
+    pytester.makepyfile(test_inner=_INNER)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rfs")
+    outcomes = result.parseoutcomes()
+    assert outcomes["failed"] == 2, result.stdout.str()
+    result.stdout.fnmatch_lines([
+        "FAILED test_inner.py::TestBroken::test_outputs_have_the_documented_dtype_and_values*",
+        "FAILED test_inner.py::test_registration_fails_after_registering*",
+    ])
+    # a contract violation shows its message alone, not the kit's source
+    result.stdout.fnmatch_lines([
+        "_* TestBroken.test_outputs_have_the_documented_dtype_and_values _*",
+        "mixprec contract 'output dtype' (README 'Modes in the core': outputs come back in "
+        "fp32) broken by mode 'NoFp32Outputs': the wrapped model returned torch.float16 outputs, "
+        "expected torch.float32. Fix: Convert outputs back in convert_output()*",
+        "_* test_registration_fails_after_registering _*",
+    ])
+    n_checks = len([n for n in dir(ModeConformance) if n.startswith("test_")])
+    # core modes have no plugin module to probe for heavy imports; a mode object has no
+    # string to try an unknown option on
+    assert outcomes["skipped"] == 3
+    assert outcomes["passed"] == 2 * n_checks - 3 - 1 + 2
+
+
+def test_the_kit_is_not_loaded_into_other_pytest_runs(pytester):
+    pytester.makepyfile(test_other="def test_uses_the_fixture(mixprec_registry):\n    pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*fixture 'mixprec_registry' not found*"])
+    pytest11 = [ep.value for ep in importlib.metadata.entry_points(group="pytest11")]
+    assert not any(v.startswith("mixprec") for v in pytest11)
