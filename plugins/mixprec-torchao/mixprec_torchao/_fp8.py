@@ -60,10 +60,10 @@ class Float8Training(mixprec.PrecisionMode):
 
     :param recipe: ``"tensorwise"``, ``"rowwise"`` or ``"rowwise_with_gw_hp"`` (or the
         mode names ``"fp8-tensorwise"``, ``"fp8-rowwise"``, ``"fp8-rowwise-gw-hp"``).
-    :param ignore_modules: module names that keep their ``nn.Linear`` layers in high
-        precision: a full dotted path or a trailing part of one (``"lm_head"``),
-        ``fnmatch`` wildcards allowed; naming a parent keeps every Linear inside it.
-        A name that matches no module is an error.
+    :param ignore_modules: modules whose ``nn.Linear`` layers stay in high precision, by
+        full dotted path as ``named_modules()`` shows it (``"lm_head"``,
+        ``"blocks.0.attn"``) or ``fnmatch`` glob (``"blocks.*.mlp.down"``); naming a
+        parent keeps every Linear inside it. A name that matches no module is an error.
     :param module_filter: ``fn(linear, fqn) -> bool``; False keeps the layer (torchao's
         ``module_filter_fn``). Called once per ``nn.Linear`` at ``wrap``.
     :param autocast: ``"bf16"`` (default): everything outside the FP8 GEMMs runs under
@@ -189,7 +189,7 @@ class Float8Training(mixprec.PrecisionMode):
             hint = f" Did you mean {close!r}?" if close else ""
             raise ModeOptionError(
                 f"ignore_modules entry {pattern!r} names no module of the model.{hint} "
-                "Give a dotted path (or its last parts) as model.named_modules() shows it."
+                "Give a full dotted path or a glob as model.named_modules() shows the names."
             )
         plan = plan_fp8_layers(module, ignore_modules=self.ignore_modules,
                                module_filter=self.module_filter)

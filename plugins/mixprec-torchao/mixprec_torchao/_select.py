@@ -38,15 +38,15 @@ def display_name(fqn: str) -> str:
 
 
 def matches(fqn: str, pattern: str) -> bool:
-    """True if module ``fqn`` is named by ``pattern``.
+    """True if module ``fqn`` is named by ``pattern``: its full dotted path, or an
+    ``fnmatch`` glob of it (``"layers.*.mlp.down_proj"``; ``*`` also crosses dots).
 
-    A pattern names a module by its full dotted path or by a trailing part of it
-    (``"lm_head"`` names ``"model.lm_head"``), with ``fnmatch`` wildcards
-    (``"layers.*.mlp.down_proj"``).
+    The same rule as mixprec-bnb's and mixprec-te's ``ignore_modules``; a pattern that
+    names a parent also covers everything inside it (see :func:`plan_fp8_layers`).
     """
     if not fqn:
         return False
-    return fnmatch.fnmatchcase(fqn, pattern) or fnmatch.fnmatchcase(fqn, f"*.{pattern}")
+    return fnmatch.fnmatchcase(fqn, pattern)
 
 
 def _excluding_pattern(fqn: str, patterns: Iterable[str]) -> str | None:
@@ -65,8 +65,7 @@ def unmatched_patterns(module: torch.nn.Module, patterns: Iterable[str]) -> list
     out = []
     for pattern in patterns:
         if not any(matches(n, pattern) for n in names):
-            leaves = sorted({*names, *(n.rsplit(".", 1)[-1] for n in names)})
-            close = difflib.get_close_matches(pattern, leaves, n=1)
+            close = difflib.get_close_matches(pattern, names, n=1)
             out.append((pattern, close[0] if close else None))
     return out
 

@@ -110,6 +110,10 @@ def test_unknown_ignore_name_is_an_error_before_anything_changes() -> None:
         mixprec.wrap(model, opt, mode="fp8-tensorwise", ignore_modules=["haed"])
     assert _unchanged(model, snap)
     assert not mixprec.is_wrapped(model)
+    # names are full dotted paths (as in mixprec-bnb and mixprec-te): "0" is not "body.0"
+    with pytest.raises(ModeOptionError, match=r"ignore_modules entry '0' names no module"):
+        mixprec.wrap(model, opt, mode="fp8-tensorwise", ignore_modules="0")
+    assert _unchanged(model, snap)
 
 
 def test_nothing_to_convert_is_an_error() -> None:
