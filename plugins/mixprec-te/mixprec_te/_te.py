@@ -136,7 +136,7 @@ def extra_state_refusal(payload: Any, context: str) -> str | None:
     if should_load is None or not hasattr(payload, "numel") or payload.numel() == 0:
         return None
     try:
-        should_load(payload.detach().cpu().numpy().tobytes(), context)
+        should_load(bytes(payload.detach().cpu().flatten().tolist()), context)  # no numpy needed
     except RuntimeError as exc:
         return str(exc)
     return None

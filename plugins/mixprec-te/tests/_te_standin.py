@@ -276,8 +276,8 @@ class TransformerEngineBaseModule(torch.nn.Module):
         if state is None or (isinstance(state, torch.Tensor) and state.numel() == 0):
             return
         if REFUSE_PICKLES:
-            should_load_extra_state_pickle(state.detach().cpu().numpy().tobytes(), "Linear")
-        loaded = pickle.loads(state.detach().cpu().numpy().tobytes())
+            should_load_extra_state_pickle(bytes(state.detach().cpu().tolist()), "Linear")
+        loaded = pickle.loads(bytes(state.detach().cpu().tolist()))
         self.fp8_meta["scale_fwd"] = loaded["scale_fwd"].clone()
         self.fp8_meta["amax_history_fwd"] = loaded["amax_history_fwd"].clone()
         self.fp8_meta["fp8_checkpoint"] = True

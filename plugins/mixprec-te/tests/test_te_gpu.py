@@ -107,7 +107,7 @@ def test_loss_falls(mode):
 
 def _fp8_tensors(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
     state = layer.get_extra_state()
-    loaded = pickle.loads(state.detach().cpu().numpy().tobytes()) if state.numel() else {}
+    loaded = pickle.loads(bytes(state.detach().cpu().tolist())) if state.numel() else {}
     return {k: v for k, v in (loaded or {}).items() if isinstance(v, torch.Tensor)}
 
 
@@ -192,8 +192,9 @@ def test_runs_on_the_models_own_gpu():
 
 
 def test_te_refusing_pickled_state_is_a_clear_error(monkeypatch):
-    from mixprec.exceptions import CheckpointError
     from mixprec_te._te import extra_state_refusal
+
+    from mixprec.exceptions import CheckpointError
 
     monkeypatch.delenv("NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE", raising=False)
     recipe = {"amax_history_len": 16}
@@ -213,7 +214,7 @@ def test_current_scaling_round_trip():
     if not hasattr(te_recipe, "Float8CurrentScaling"):
         pytest.skip("this Transformer Engine has no Float8CurrentScaling")
     recipe = {"scaling": "current"}
-    model, loaded, x, y = _trained(recipe)
+    model, loaded, x, _ = _trained(recipe)
     model2, opt2 = _fresh(recipe)
     opt2.precision.load_state_dict(loaded)
     for (name, p), p2 in zip(model.named_parameters(), model2.parameters()):
