@@ -44,14 +44,16 @@ def _submodule(root: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
 
 @torch.no_grad()
 def te_layer_from_torch(
-    te: ModuleType, layer: torch.nn.Module, dtype: torch.dtype, device: torch.device | str
+    te: ModuleType, layer: Any, dtype: torch.dtype, device: torch.device | str
 ) -> torch.nn.Module:
     """A TE layer with ``layer``'s configuration and values (cast to ``dtype``)."""
     if isinstance(layer, torch.nn.Linear):
         has_bias = layer.bias is not None
         new = te.Linear(layer.in_features, layer.out_features, bias=has_bias,
                         params_dtype=dtype, device=device)
-        pairs = [("weight", layer.weight)] + ([("bias", layer.bias)] if has_bias else [])
+        pairs: list[tuple[str, torch.Tensor]] = [("weight", layer.weight)]
+        if has_bias:
+            pairs.append(("bias", layer.bias))
     elif isinstance(layer, torch.nn.LayerNorm):
         new = te.LayerNorm(layer.normalized_shape[0], eps=layer.eps, params_dtype=dtype, device=device)
         pairs = [("weight", layer.weight), ("bias", layer.bias)]
@@ -69,22 +71,25 @@ def te_layer_from_torch(
 
 
 @torch.no_grad()
-def torch_layer_from_te(layer: torch.nn.Module) -> torch.nn.Module:
+def torch_layer_from_te(layer: Any) -> torch.nn.Module:
     """The torch layer a TE ``Linear``/``LayerNorm``/``RMSNorm`` stands for, same values."""
-    weight = layer.weight
-    factory = {"device": weight.device, "dtype": weight.dtype}
+    weight: torch.Tensor = layer.weight
+    device, dtype = weight.device, weight.dtype
     kind = type(layer).__name__
+    pairs: list[tuple[str, torch.Tensor]] = [("weight", weight)]
     if kind == "Linear":
-        bias = layer.bias if getattr(layer, "use_bias", False) else None
-        new: torch.nn.Module = torch.nn.Linear(layer.in_features, layer.out_features,
-                                               bias=bias is not None, **factory)
-        pairs = [("weight", weight)] + ([("bias", bias)] if bias is not None else [])
+        has_bias = bool(getattr(layer, "use_bias", False))
+        new: torch.nn.Module = torch.nn.Linear(int(layer.in_features), int(layer.out_features),
+                                               bias=has_bias, device=device, dtype=dtype)
+        if has_bias:
+            pairs.append(("bias", layer.bias))
     elif kind == "LayerNorm":
-        new = torch.nn.LayerNorm(tuple(weight.shape), eps=layer.eps, **factory)
-        pairs = [("weight", weight), ("bias", layer.bias)]
+        new = torch.nn.LayerNorm(tuple(weight.shape), eps=float(layer.eps), device=device,
+                                 dtype=dtype)
+        pairs.append(("bias", layer.bias))
     elif kind == "RMSNorm":
-        new = torch.nn.RMSNorm(tuple(weight.shape), eps=layer.eps, **factory)
-        pairs = [("weight", weight)]
+        new = torch.nn.RMSNorm(tuple(weight.shape), eps=float(layer.eps), device=device,
+                               dtype=dtype)
     else:
         raise TypeError(f"no torch layer for {type(layer).__qualname__}")
     for pname, old in pairs:
@@ -174,12 +179,12 @@ def _replacement(
             return original.__new__(cls)
         return build(*args, **kwargs)
 
-    replacement: type[torch.nn.Module] = _ReplacementMeta(
+    replacement: Any = _ReplacementMeta(
         original.__name__, (original,),
         {"__new__": __new__, "_original": original, "__module__": original.__module__,
          "__qualname__": original.__qualname__},
     )
-    return replacement
+    return replacement  # type: ignore[no-any-return]
 
 
 @contextlib.contextmanager
@@ -226,7 +231,7 @@ def torch_layers_as_te(
                       elementwise_affine: bool = True, device: Any = None,
                       dtype: torch.dtype | None = None) -> torch.nn.Module:
         assert rmsnorm is not None
-        if rmsnorm_keep_reason(normalized_shape, eps, elementwise_affine,
+        if te_rmsnorm is None or rmsnorm_keep_reason(normalized_shape, eps, elementwise_affine,
                                te_rmsnorm is not None) is not None:
             return rmsnorm(normalized_shape, eps=eps, elementwise_affine=elementwise_affine,
                            device=device, dtype=dtype)
