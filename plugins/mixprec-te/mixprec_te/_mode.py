@@ -254,9 +254,12 @@ class TransformerEngineMode(mixprec.PrecisionMode):
                 lines.append("kept, shapes FP8 GEMMs cannot take (in/out features must be "
                              "multiples of 16): " + ", ".join(
                                  f"{d.name} ({d.reason.split(':')[0]})" for d in kept))
+            grouped: dict[tuple[str, str], list[str]] = {}
             for d in plan.decisions:
                 if not d.convert and not d.shape_kept:
-                    lines.append(f"kept: {d.name} (nn.{d.kind}; {d.reason})")
+                    grouped.setdefault((d.kind, d.reason), []).append(d.name)
+            for (kind, reason), names in grouped.items():
+                lines.append(f"kept (nn.{kind}; {reason}): {', '.join(names)}")
         if reverted:
             lines.append(f"back to torch layers (ignore_modules): {', '.join(reverted)}")
         lines.append(f"cast {n_params} parameters and {n_buffers} buffers to "

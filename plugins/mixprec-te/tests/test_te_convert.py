@@ -85,7 +85,7 @@ def test_excluded_layers_are_listed_without_a_warning(te, net):
     lines, warned = convert(CpuTestMode("bf16", ignore_modules={"head", "mlp.0"}), net)
     assert warned == []
     assert type(net.mlp[0]) is torch.nn.Linear
-    assert "kept: head (nn.Linear; excluded by ignore_modules ('head'))" in lines
+    assert "kept (nn.Linear; excluded by ignore_modules ('head')): head" in lines
 
 
 def test_an_ignore_entry_that_matches_nothing_warns(te, net):
@@ -118,7 +118,16 @@ def test_replace_layers_false_only_casts(te, net):
 def test_rmsnorm_stays_where_te_has_none(te_legacy, net):
     lines, _ = convert(CpuTestMode("bf16"), net)
     assert type(net.rms) is torch.nn.RMSNorm
-    assert "kept: rms (nn.RMSNorm; this Transformer Engine has no te.RMSNorm)" in lines
+    assert "kept (nn.RMSNorm; this Transformer Engine has no te.RMSNorm): rms" in lines
+
+
+def test_layers_kept_for_the_same_reason_share_one_summary_line(te):
+    model = torch.nn.Module()
+    model.attn = torch.nn.ModuleList(torch.nn.MultiheadAttention(32, 2) for _ in range(3))
+    lines, _ = convert(CpuTestMode("bf16"), model)
+    kept = [line for line in lines if line.startswith("kept")]
+    assert kept == ["kept (nn.Linear; NonDynamicallyQuantizableLinear subclasses nn.Linear; its "
+                    "forward may differ): attn.0.out_proj, attn.1.out_proj, attn.2.out_proj"]
 
 
 @pytest.mark.parametrize("make", [
