@@ -160,20 +160,12 @@ class TruePrecision(_ScalingOptions, PrecisionMode):
 
     def fsdp_plan(self) -> FSDPPlan:
         """FSDP2 (mixprec.distributed.fully_shard): parameters stored and reduced in
-        ``dtype``; with master weights the sharded parameters stay fp32 (they are the
-        masters, rounded to ``dtype`` once as here) and FSDP casts them for compute."""
+        ``dtype`` (the optimizer still steps in ``optimizer_dtype``); with master
+        weights the sharded parameters stay fp32 (they are the masters, rounded to
+        ``dtype`` once as here) and FSDP casts them for compute."""
         if self.master_weights:
             return FSDPPlan(param_dtype=self.dtype, reduce_dtype=torch.float32,
                             storage_dtype=torch.float32)
-        if self.optimizer_dtype is not self.dtype:
-            # _promoted_params swaps .data, which a DTensor parameter does not follow
-            # (its local shard keeps the old dtype: the step would silently run in fp16).
-            raise ModeOptionError(
-                f"{self.name} steps {self.dtype} parameters in {self.optimizer_dtype} through "
-                "temporary copies, which fully_shard-ed (DTensor) parameters cannot take; "
-                f"under FSDP2 use {self.name!r} with master_weights=True (fp32 sharded "
-                f"parameters, {_SHORT[self.dtype]}-bit compute) or '{_SHORT[self.dtype]}-mixed'."
-            )
         return FSDPPlan()
 
 
@@ -248,29 +240,39 @@ def _stacked(*contexts: contextlib.AbstractContextManager[None]) -> Iterator[Non
 def _promoted_params(
     optimizer: torch.optim.Optimizer, low: torch.dtype, high: torch.dtype
 ) -> Iterator[None]:
-    """Give the optimizer its parameters (and grads) in ``high`` for the block.
+    """Give the optimizer ``high`` copies of its ``low`` parameters (and grads) for the block.
 
-    The parameter objects stay the same, so optimizer state created or loaded in
-    the block is kept in ``high``; the values are rounded back to ``low`` after.
+    The optimizer's lists hold the copies (with the parameters' state) in the
+    block; after it the values are rounded back into the parameters in place and
+    the state returns to the parameter objects, so optimizer state created or
+    loaded in the block stays in ``high``. Not ``p.data = p.data.to(high)``: a
+    dtype change through ``.data`` drops the parameter's gradient accumulator and
+    the hooks on it — DDP's gradient all-reduce stopped after the first step — and
+    a DTensor (FSDP2) parameter's local shard does not follow ``.data``.
     """
-    swapped: list[tuple[torch.nn.Parameter, torch.Tensor | None]] = []
+    swapped: list[tuple[list[Any], int, torch.Tensor, torch.Tensor]] = []
     try:
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.dtype is not low:
-                    continue
-                grad = p.grad
-                p.grad = None
-                p.data = p.data.to(high)
-                if grad is not None:
-                    p.grad = grad.to(high)
-                swapped.append((p, grad))
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                params = group["params"]
+                for i, p in enumerate(params):
+                    if p.dtype is not low:
+                        continue
+                    copy = p.detach().to(high).requires_grad_(p.requires_grad)
+                    if p.grad is not None:
+                        copy.grad = p.grad.to(high)
+                    if p in optimizer.state:
+                        optimizer.state[copy] = optimizer.state.pop(p)
+                    params[i] = copy
+                    swapped.append((params, i, p, copy))
         yield
     finally:
-        for p, grad in swapped:
-            p.grad = None
-            p.data = p.data.to(low)
-            p.grad = grad
+        with torch.no_grad():
+            for params, i, p, copy in swapped:
+                p.copy_(copy)
+                params[i] = p
+                if copy in optimizer.state:
+                    optimizer.state[p] = optimizer.state.pop(copy)
 
 
 def _true(dtype: str) -> Any:
