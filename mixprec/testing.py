@@ -48,7 +48,7 @@ import pytest
 import torch
 
 import mixprec
-from mixprec.exceptions import MixprecError, ModeOptionError
+from mixprec.exceptions import CheckpointError, MixprecError, ModeOptionError
 
 from ._conformance import (
     CONTRACTS,
@@ -215,13 +215,19 @@ class ModeConformance:
     #: dtype of floating-point parameters built under ``mixprec.init_module``;
     #: None: the mode's ``param_dtype``, else float32.
     init_dtype: ClassVar[torch.dtype | None] = None
-    #: ``init_module(mode, device="meta")`` then ``to_empty`` and loading a plain
-    #: fp32 state dict into the wrapped model works.
+    #: ``init_module(mode, device="meta")``, ``load_state_dict(fp32, assign=True)``,
+    #: then wrap works.
     supports_meta_init: ClassVar[bool] = True
+    #: A plain fp32 state dict loads into the wrapped model (False: the mode refuses
+    #: it with a ``CheckpointError``).
+    loads_plain_state_dict: ClassVar[bool] = True
     #: ``[(options or mode factory, error class), ...]``: each must fail with that
     #: :class:`mixprec.MixprecError` before anything changes. For a string mode an
     #: unknown option is always checked too.
     bad_options: ClassVar[list[tuple[Any, type[BaseException]]]] = []
+    #: Wrapping a model whose optimizer already stepped works (its state follows
+    #: the parameters). False for modes that refuse it (with a clear error).
+    wraps_stepped_optimizer: ClassVar[bool] = True
     #: Modules the entry-point module must not import (besides the plugin
     #: distribution's own requirements, which are checked automatically).
     heavy_imports: ClassVar[tuple[str, ...]] = ()
@@ -507,13 +513,14 @@ class ModeConformance:
     # -- atomic wrap ---------------------------------------------------------------------------
 
     def _prepared_pair(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        """A plain model and optimizer after one step: the optimizer has state, the
-        parameters have gradients."""
+        """A plain model and optimizer after one backward (parameters have gradients)
+        and, where :attr:`wraps_stepped_optimizer`, one step (the optimizer has state)."""
         torch.manual_seed(0)
         model = self._model()
         opt = self.make_optimizer(model)
         self.compute_loss(model, self.make_batch(0)).backward()
-        opt.step()
+        if self.wraps_stepped_optimizer:
+            opt.step()
         return model, opt
 
     def _check_rollback(self, precision: mixprec.PrecisionWrapper, stage: str) -> None:
@@ -568,10 +575,19 @@ class ModeConformance:
     def test_an_optimizer_with_state_can_be_wrapped(self) -> None:
         """A model and optimizer that already trained (the optimizer has state) can
         be wrapped and train on: the state follows its parameter to the dtype the
-        optimizer steps in."""
+        optimizer steps in. Where :attr:`wraps_stepped_optimizer` is False, wrapping
+        one is refused with a clear error before anything changes."""
         with self._session():
-            model, opt = self._prepared_pair()
+            torch.manual_seed(0)
+            model = self._model()
+            opt = self.make_optimizer(model)
+            self.compute_loss(model, self.make_batch(0)).backward()
+            opt.step()
             opt.zero_grad()
+            if not self.wraps_stepped_optimizer:
+                self._check_refused(model, opt, self._precision, MixprecError,
+                                    "an optimizer that already stepped")
+                return
             try:
                 model, opt = self._precision().wrap(model, opt)
                 self._train(model, opt, 2)
@@ -582,7 +598,9 @@ class ModeConformance:
                     "Existing optimizer state must follow a converted parameter: keep the "
                     "parameter object (p.data = ...) or replace it at the same dotted name, and "
                     "make sure the state's dtype is the one the optimizer steps in (cast it in "
-                    "convert_optimizer() or optimizer_step_context()).", cause=exc) from exc
+                    "convert_optimizer() or optimizer_step_context()). If the mode cannot take "
+                    "over existing state, refuse it in validate() and set "
+                    "wraps_stepped_optimizer = False on the test class.", cause=exc) from exc
             self._check_finite(model, opt, "after wrapping a stepped optimizer and two steps")
 
     def test_wrap_is_atomic_when_convert_module_fails(self) -> None:
@@ -684,7 +702,14 @@ class ModeConformance:
                     "module_state_dict() (no custom classes, dtypes as strings).") from exc
 
             model, opt = self._wrapped(seed=1)  # other initial weights: the load must overwrite
-            opt.precision.load_state_dict(checkpoint)
+            try:
+                opt.precision.load_state_dict(checkpoint)
+            except Exception as exc:
+                raise self._violation(
+                    "exact resume", "the checkpoint of a wrapped pair does not load into a fresh "
+                    f"wrap of the same mode: {type(exc).__name__}: {exc}",
+                    "Load what module_state_dict()/state_dict() saved in load_module_state_dict()/"
+                    "load_state_dict().", cause=exc) from exc
             self._train(model, opt, 2, start=2)
             rtol, atol = (0.0, 0.0) if self.exact_resume else self.resume_tolerance
             diffs = nested_differences(expected_model, model.state_dict(), "model",
@@ -781,9 +806,22 @@ class ModeConformance:
                 "init_module", f"the default dtype is {now} {when}, was {default}.",
                 "Restore the default dtype in a finally: block of init_context().")
 
+    def _check_close_to(self, reference: torch.nn.Module, model: Any, contract: str, when: str,
+                        fix: str) -> None:
+        inputs, _ = self.make_batch(0)
+        with torch.no_grad():
+            ref = float_tensors(reference(inputs))
+            got = float_tensors(model(inputs))
+        for a, b in zip(got, ref):
+            error = float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12))
+            if not error <= self.max_output_error:
+                raise self._violation(
+                    contract, f"{when} the outputs differ from the fp32 model's by {error:.3g} "
+                    f"(relative norm; max_output_error={self.max_output_error}).", fix)
+
     def test_init_module_on_meta_then_load(self) -> None:
-        """``init_module(mode, device="meta")``, ``to_empty``, wrap, then load a plain
-        fp32 state dict: the model computes what the fp32 model does."""
+        """``init_module(mode, device="meta")`` builds without memory; loading fp32
+        weights with ``assign=True`` and wrapping gives the fp32 model's outputs."""
         if not self.supports_meta_init:
             pytest.skip("supports_meta_init = False on this test class")
         with self._session():
@@ -797,28 +835,46 @@ class ModeConformance:
                 raise self._violation(
                     "init_module", "init_module(device='meta') built tensors that are not on "
                     "the meta device.", "Enter torch.device(device) in init_context().")
-            model = model.to_empty(device=self.device)
-            wrapped, _ = precision.wrap(model, self.make_optimizer(model))
             try:
-                wrapped.load_state_dict(reference.state_dict())
+                model.load_state_dict(reference.state_dict(), assign=True)
+                wrapped, _ = precision.wrap(model, self.make_optimizer(model))
             except Exception as exc:
                 raise self._violation(
-                    "init_module", f"a plain fp32 state dict does not load into the wrapped model: "
+                    "init_module", "a model built on meta cannot load the fp32 model's state dict "
+                    f"with assign=True and be wrapped: {type(exc).__name__}: {exc}",
+                    "Let convert_module() take the loaded tensors as they are, or set "
+                    "supports_meta_init = False on the test class.", cause=exc) from exc
+            self._check_close_to(reference, wrapped, "init_module", "after building on meta, "
+                                 "loading the fp32 weights and wrapping,",
+                                 "Convert every loaded parameter and buffer in convert_module().")
+
+    def test_a_plain_fp32_state_dict_loads_into_the_wrapped_model(self) -> None:
+        """``model.load_state_dict(fp32_state)`` after wrap (pretrained weights) gives
+        the fp32 model's outputs. Where :attr:`loads_plain_state_dict` is False it
+        must be refused with a :class:`mixprec.exceptions.CheckpointError`."""
+        with self._session():
+            torch.manual_seed(0)
+            reference = self._model()
+            model, _ = self._wrapped(seed=1)
+            try:
+                model.load_state_dict(reference.state_dict())
+            except Exception as exc:
+                if not self.loads_plain_state_dict and isinstance(exc, CheckpointError):
+                    return
+                raise self._violation(
+                    "exact resume", "a plain fp32 state dict does not load into the wrapped model: "
                     f"{type(exc).__name__}: {exc}",
-                    "Convert plain weights in load_module_state_dict(), or set supports_meta_init "
-                    "= False on the test class if the mode cannot load them.", cause=exc) from exc
-            inputs, _ = self.make_batch(0)
-            with torch.no_grad():
-                ref = float_tensors(reference(inputs))
-                got = float_tensors(wrapped(inputs))
-            for a, b in zip(got, ref):
-                error = float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12))
-                if not error <= self.max_output_error:
-                    raise self._violation(
-                        "init_module", f"after loading the fp32 weights into the meta-built model "
-                        f"its outputs differ by {error:.3g} (relative norm).",
-                        "Load every parameter and buffer in load_module_state_dict(), including "
-                        "derived state (scales, quantized copies).")
+                    "Convert plain weights in load_module_state_dict(); if the mode cannot, raise "
+                    "mixprec.exceptions.CheckpointError saying what to load instead and set "
+                    "loads_plain_state_dict = False on the test class.", cause=exc) from exc
+            if not self.loads_plain_state_dict:
+                raise self._violation(
+                    "exact resume", "a plain fp32 state dict loaded although "
+                    "loads_plain_state_dict = False.", "Set loads_plain_state_dict = True.")
+            self._check_close_to(reference, model, "exact resume", "after loading the fp32 "
+                                 "weights into the wrapped model,",
+                                 "Load every parameter and buffer in load_module_state_dict(), "
+                                 "including derived state (scales, quantized copies, masters).")
 
     # -- training, copies, unwrap ---------------------------------------------------------------
 
@@ -892,13 +948,21 @@ class ModeConformance:
                         "Keep only picklable state on the mode object and its layers (no lambdas, "
                         "locks, open handles or library contexts); create such objects lazily or "
                         "drop them in __getstate__.", cause=exc) from exc
-                if nested_differences(expected, got) or precision is model.precision or (
-                        precision.mode_name != model.precision.mode_name):
+                diffs = nested_differences(expected, got, "outputs")
+                if diffs:
                     raise self._violation(
-                        "copies", f"the copy made by {how} computes other outputs or shares the "
-                        "original's precision.",
-                        "Copy the mode's state with the module (deepcopy semantics); do not keep "
-                        "references to the original model in module-level state.")
+                        "copies", f"the copy made by {how} computes other outputs: "
+                        f"{_listing(diffs, 3)}.",
+                        "Copy all of the mode's layer state with the module (quantization "
+                        "constants, scales as buffers or parameters), and keep the forward free of "
+                        "state held outside the module.")
+                if precision is model.precision or (
+                        precision.precision_mode.name != model.precision.precision_mode.name):
+                    raise self._violation(
+                        "copies", f"the copy made by {how} shares the original's precision or "
+                        f"runs another mode ({precision.mode_name!r}).",
+                        "Keep the mode object picklable and its name stable; the copy rebuilds its "
+                        "own PrecisionWrapper from it.")
 
     def test_unwrap_gives_a_plain_module(self) -> None:
         """``mixprec.unwrap`` returns a plain module with finite parameters."""
@@ -937,14 +1001,26 @@ class ModeConformance:
         if not callable(options) and not isinstance(self.mode, str):
             raise TypeError(f"{type(self).__name__}.bad_options: a mode given as a factory takes "
                             "(callable building a badly configured mode, error) pairs.")
+
+        def build() -> mixprec.PrecisionWrapper:
+            if callable(options):
+                return mixprec.PrecisionWrapper(options())
+            return mixprec.PrecisionWrapper(self.mode, **{**self.options, **options})
+
         model, opt = self._prepared_pair()
+        self._check_refused(model, opt, build, error, f"options {what!r}",
+                            unknown_option=isinstance(options, dict) and _UNKNOWN_OPTION in options)
+
+    def _check_refused(
+        self, model: torch.nn.Module, opt: torch.optim.Optimizer,
+        build: Callable[[], mixprec.PrecisionWrapper], error: type[BaseException], what: str,
+        unknown_option: bool = False,
+    ) -> None:
+        """``build().wrap(model, opt)`` must raise ``error`` before anything changes."""
         snapshot = Snapshot.take(model, opt)
         converted: list[bool] = []
         try:
-            if callable(options):
-                precision = mixprec.PrecisionWrapper(options())
-            else:
-                precision = mixprec.PrecisionWrapper(self.mode, **{**self.options, **options})
+            precision = build()
             original = precision.precision_mode.convert_module
 
             def spy(module: torch.nn.Module) -> Any:
@@ -956,29 +1032,28 @@ class ModeConformance:
         except Exception as exc:
             if not (isinstance(exc, error) and isinstance(exc, MixprecError)):
                 raise self._violation(
-                    "clear errors", f"options {what!r} raised {type(exc).__name__}: {exc}",
+                    "clear errors", f"{what} raised {type(exc).__name__}: {exc}",
                     f"Raise {error.__name__} (a mixprec.MixprecError) with one sentence on what "
-                    "is wrong and what to pass instead.", cause=exc) from exc
+                    "is wrong and what to do instead.", cause=exc) from exc
             message = str(exc)
-            if isinstance(options, dict) and _UNKNOWN_OPTION in options and _UNKNOWN_OPTION not in message:
+            if unknown_option and _UNKNOWN_OPTION not in message:
                 raise self._violation(
                     "clear errors", f"the error for an unknown option does not name it: {message}",
                     "Name the option and list the accepted ones (a factory with explicit "
                     "keyword-only parameters gets this from the registry).") from exc
             if converted:
                 raise self._violation(
-                    "clear errors", f"options {what!r} were refused only inside convert_module() "
-                    f"({message}).", "Check options in the factory or validate(), which run "
-                    "before anything is mutated.") from exc
+                    "clear errors", f"{what} was refused only inside convert_module() "
+                    f"({message}).", "Check in the factory or validate(), which run before "
+                    "anything is mutated.") from exc
         else:
             raise self._violation(
-                "clear errors", f"options {what!r} were accepted silently.",
-                "Refuse unknown or invalid options with mixprec.exceptions.ModeOptionError; give "
-                "the factory explicit keyword-only parameters instead of **kwargs.")
+                "clear errors", f"{what} was accepted silently.",
+                "Refuse unknown or invalid options with mixprec.exceptions.ModeOptionError (give "
+                "the factory explicit keyword-only parameters instead of **kwargs), and what the "
+                "mode cannot take with a MixprecError from validate().")
         diffs = snapshot.differences(model, opt)
         if diffs:
             raise self._violation(
-                "clear errors", f"refusing options {what!r} changed {_listing(diffs)}.",
+                "clear errors", f"refusing {what} changed {_listing(diffs)}.",
                 "Raise before mutating anything: check in the factory or validate().")
-
-

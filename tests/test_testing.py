@@ -423,15 +423,15 @@ def test_options_are_checked_before_anything_changes():
 
     err = _violation(Late, "test_bad_options_are_clear_errors_raised_before_any_change")
     assert err.contract == "clear errors"
-    assert "refused only inside convert_module() (group_size must be a multiple" in err.problem
-    assert "Check options in the factory or validate()" in err.fix
+    assert "was refused only inside convert_module() (group_size must be a multiple" in err.problem
+    assert "Check in the factory or validate()" in err.fix
 
     class Silent(ModeConformance):
         mode = "silent"
         plugin = _plugin(mixprec.ModeSpec("silent", _ignores_options, "ignores its options"))
 
     err = _violation(Silent, "test_bad_options_are_clear_errors_raised_before_any_change")
-    assert err.problem == "options {'mixprec_conformance_no_such_option': 1} were accepted silently."
+    assert err.problem == "options {'mixprec_conformance_no_such_option': 1} was accepted silently."
     assert "explicit keyword-only parameters instead of **kwargs" in err.fix
 
 
