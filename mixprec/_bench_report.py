@@ -1,0 +1,302 @@
+"""Showing a bench run: the table, the JSON file, the plot and the progress bars.
+
+rich and matplotlib are optional: without rich the progress is a few plain
+lines and the table is plain text; ``--plot`` needs matplotlib and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from ._bench_memory import memory_method
+from ._bench_run import MIB, BenchResult, RowResult, summary_of
+from ._version import __version__
+
+__all__ = ["COLUMNS", "machine_name", "plain_table", "print_report", "progress_bars", "to_json",
+           "write_json", "write_plot"]
+
+#: The table's columns and what they mean (also in the JSON file and the README).
+COLUMNS: dict[str, str] = {
+    "mode": "the mode string (options in brackets)",
+    "run": "full: trained from scratch; LoRA: adapters fine-tuned on a frozen quantized base",
+    "step ms": "median step time (forward, backward, clipping, optimizer step) after warm-up",
+    "speed": "32-true's step time / this mode's, measured in the same run, modes interleaved",
+    "weights": "bytes per parameter of the module's tensors (quantization state included)",
+    "grads": "bytes per parameter of the gradients after backward (fp32 masters' where they exist)",
+    "optim": "bytes per parameter of the optimizer state, fp32 master weights included",
+    "state MiB": "weights + grads + optimizer state",
+    "peak MiB": "training state plus the most one step allocates on top of it",
+    "loss": "final loss on held-out batches (nats/token)",
+    "vs 32-true": "the loss's gap to the 32-true row of the same run kind",
+    "skipped": "steps skipped for inf/NaN gradients (loss scaler)",
+}
+
+
+def machine_name(device: torch.device) -> str:
+    """The processor (or GPU) the bench ran on, in words."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _num(value: float, digits: int = 2) -> str:
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.{digits}f}"
+
+
+def _bpp(row: RowResult, nbytes: int) -> str:
+    value = row.per_param(nbytes)
+    return f"{value:.2f}" if value >= 1 or value == 0 else f"{value:.3f}"
+
+
+def table_rows(result: BenchResult) -> list[list[str]]:
+    """The table as strings, one list per row, columns as in :data:`COLUMNS`."""
+    out = []
+    for r in result.rows:
+        if r.status != "ok":
+            out.append([r.label, r.run, "failed", *[""] * 9])
+            continue
+        gap = "baseline" if r.baseline else (
+            "" if r.loss_gap_pct is None else f"{r.loss_gap_pct:+.1f}%")
+        out.append([
+            r.label, r.run,
+            "" if r.step_ms is None else _num(r.step_ms),
+            "" if r.speed is None else f"{r.speed:.2f}x",
+            _bpp(r, r.weight_bytes), _bpp(r, r.grad_bytes), _bpp(r, r.optimizer_bytes),
+            _num(r.state_bytes / MIB),
+            "" if r.peak_bytes is None else _num(r.peak_bytes / MIB),
+            "" if r.final_loss is None else f"{r.final_loss:.3f}",
+            gap, str(r.skipped_steps),
+        ])
+    return out
+
+
+def _headers() -> list[str]:
+    names = list(COLUMNS)
+    names[4:7] = ["weights B/p", "grads B/p", "optim B/p"]
+    return names
+
+
+def header_lines(result: BenchResult) -> list[str]:
+    c = result.config
+    params = result.rows[0].params if result.rows else 0
+    threads = "" if c.device.type == "cuda" else f", {torch.get_num_threads()} torch threads"
+    return [
+        f"mixprec bench: {c.size.describe()}; {params:,} parameters",
+        f"task: second-order Markov source over {c.size.vocab} tokens; best possible loss "
+        f"{result.loss_floor:.3f} nats/token, uniform guess {math.log(c.size.vocab):.3f}",
+        f"device: {c.device} ({machine_name(c.device)}{threads}); {c.steps} steps per mode, "
+        f"seed {c.seed}; step time = median after {c.warmup} warm-up steps",
+    ]
+
+
+def footer_lines(result: BenchResult) -> list[str]:
+    lines = [f"memory: {memory_method(result.config.device)}"]
+    lines += [f"note: {n}" for n in result.notes]
+    for label, reason in result.left_out:
+        lines.append(f"not run: {label}: {reason}")
+    for r in result.failed:
+        lines.append(f"FAILED: {r.label} ({r.run}): {r.error}")
+    return lines
+
+
+def plain_table(result: BenchResult) -> str:
+    """The whole report as plain text."""
+    headers, rows = _headers(), table_rows(result)
+    widths = [max(len(x) for x in col) for col in zip(headers, *rows)]
+    numeric = set(range(2, len(headers)))
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    body = [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+    return "\n".join([*header_lines(result), "", *body, "", *footer_lines(result)])
+
+
+def print_report(result: BenchResult, out: TextIO | None = None) -> None:
+    """Print the report: a rich table on a terminal where rich is installed, else plain."""
+    out = sys.stdout if out is None else out
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(plain_table(result), file=out)
+        return
+    if not out.isatty():
+        print(plain_table(result), file=out)
+        return
+    console = Console(file=out)
+    for line in header_lines(result):
+        console.print(line, highlight=False, markup=False)
+    table = Table(show_edge=False, pad_edge=False)
+    for i, name in enumerate(_headers()):
+        table.add_column(name, justify="left" if i < 2 else "right", no_wrap=i == 0)
+    for cells, r in zip(table_rows(result), result.rows):
+        table.add_row(*cells, style="red" if r.status != "ok" else None)
+    console.print(table)
+    for line in footer_lines(result):
+        console.print(line, highlight=False, markup=False,
+                      style="red" if line.startswith("FAILED") else None)
+
+
+def to_json(result: BenchResult) -> dict[str, Any]:
+    """Everything the table shows, and the per-step losses and times, as plain values."""
+    device = result.config.device
+    rows = []
+    for r in result.rows:
+        rows.append({
+            "mode": r.label, "mode_string": r.mode, "run": r.run, "baseline": r.baseline,
+            "status": r.status, "error": r.error, "params": r.params,
+            "step_ms": r.step_ms, "speed": r.speed,
+            "bytes": {"weights": r.weight_bytes, "grads": r.grad_bytes,
+                      "optimizer": r.optimizer_bytes, "state": r.state_bytes,
+                      "peak": r.peak_bytes},
+            "bytes_per_param": {"weights": r.per_param(r.weight_bytes),
+                                "grads": r.per_param(r.grad_bytes),
+                                "optimizer": r.per_param(r.optimizer_bytes)},
+            "state_mib": r.state_bytes / MIB,
+            "peak_mib": None if r.peak_bytes is None else r.peak_bytes / MIB,
+            "final_loss": r.final_loss, "loss_gap": r.loss_gap, "loss_gap_pct": r.loss_gap_pct,
+            "skipped_steps": r.skipped_steps, "losses": r.losses, "step_ms_all": r.step_ms_all,
+            "summary": r.summary,
+        })
+    return {
+        "mixprec": __version__, "torch": torch.__version__, "python": platform.python_version(),
+        "machine": machine_name(device),
+        "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "config": summary_of(result),
+        "task": {"name": "second-order Markov source", "vocab": result.config.size.vocab,
+                 "loss_floor": result.loss_floor,
+                 "uniform_loss": math.log(result.config.size.vocab)},
+        "memory_method": memory_method(device),
+        "columns": COLUMNS,
+        "rows": rows,
+        "not_run": [{"mode": m, "reason": why} for m, why in result.left_out],
+        "notes": result.notes,
+    }
+
+
+def write_json(result: BenchResult, path: str | Path) -> None:
+    """:func:`to_json` to a file (inf/NaN losses of skipped steps become null)."""
+    Path(path).write_text(json.dumps(_finite(to_json(result)), indent=2, allow_nan=False) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def plot_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def write_plot(result: BenchResult, path: str | Path) -> None:
+    """Loss curves per mode and a bar chart of the training state, to a PNG file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result.rows if r.status == "ok"]
+    fig, (ax_loss, ax_mem) = plt.subplots(1, 2, figsize=(13, 5),
+                                          gridspec_kw={"width_ratios": [3, 2]})
+    for r in rows:
+        style = "--" if r.run == "LoRA" else "-"
+        losses = [x if math.isfinite(x) else float("nan") for x in r.losses]
+        ax_loss.plot(range(1, len(losses) + 1), losses, style, lw=1.2,
+                     label=f"{r.label} ({r.run})" if r.run == "LoRA" else r.label)
+    ax_loss.axhline(result.loss_floor, color="grey", lw=0.8, ls=":", label="best possible")
+    ax_loss.set(xlabel="step", ylabel="training loss (nats/token)", title="loss per step")
+    ax_loss.legend(fontsize=7)
+    labels = [f"{r.label} ({r.run})" if r.run == "LoRA" else r.label for r in rows]
+    left = [0.0] * len(rows)
+    for name, attr in (("weights", "weight_bytes"), ("grads", "grad_bytes"),
+                       ("optimizer", "optimizer_bytes")):
+        values = [getattr(r, attr) / MIB for r in rows]
+        ax_mem.barh(labels, values, left=left, label=name)
+        left = [a + b for a, b in zip(left, values)]
+    peaks = [(i, r.peak_bytes / MIB) for i, r in enumerate(rows) if r.peak_bytes is not None]
+    if peaks:
+        ax_mem.scatter([p for _, p in peaks], [i for i, _ in peaks], marker="|", s=200,
+                       color="black", label="peak", zorder=3)
+    ax_mem.invert_yaxis()
+    ax_mem.set(xlabel="MiB", title="training state and step peak")
+    ax_mem.legend(fontsize=7)
+    fig.suptitle(f"mixprec bench: {result.config.size.describe()} on {result.config.device}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+Advance = Callable[[int], None]
+
+
+@contextlib.contextmanager
+def progress_bars(quiet: bool) -> Iterator[Callable[[str, int], Advance]]:
+    """``start(description, total)`` -> ``advance(n)``: rich bars on stderr, plain lines
+    without rich, nothing when ``quiet``."""
+    if quiet:
+        yield lambda description, total: lambda n: None
+        return
+    try:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+    except ImportError:
+        yield _plain_progress
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bars:
+        def start(description: str, total: int) -> Advance:
+            task = bars.add_task(description, total=total)
+            return lambda n: bars.advance(task, n)
+
+        yield start
+
+
+def _plain_progress(description: str, total: int) -> Advance:
+    print(f"{description} ...", file=sys.stderr, flush=True)
+    state = {"done": 0, "shown": 0}
+
+    def advance(n: int) -> None:
+        state["done"] += n
+        tenth = state["done"] * 10 // max(1, total)
+        if tenth > state["shown"]:
+            state["shown"] = tenth
+            print(f"  {tenth * 10}% ({state['done']}/{total})", file=sys.stderr, flush=True)
+
+    return advance
