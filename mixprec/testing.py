@@ -228,8 +228,9 @@ class ModeConformance:
     #: Wrapping a model whose optimizer already stepped works (its state follows
     #: the parameters). False for modes that refuse it (with a clear error).
     wraps_stepped_optimizer: ClassVar[bool] = True
-    #: Modules the entry-point module must not import (besides the plugin
-    #: distribution's own requirements, which are checked automatically).
+    #: Modules (``"bitsandbytes"``, ``"my_plugin._kernels"``) that importing the
+    #: entry-point module and calling its hook must not import; the installed
+    #: distribution's own requirements (other than mixprec and torch) are added.
     heavy_imports: ClassVar[tuple[str, ...]] = ()
     #: Optimizer steps of the training checks, and micro-batches per step.
     train_steps: ClassVar[int] = 10
@@ -446,8 +447,9 @@ class ModeConformance:
                 pytest.skip("no plugin module with heavy requirements to check (core modes, or "
                             "set `heavy_imports`)")
             for module, heavy in modules.items():
-                imported = {m.partition(".")[0] for m in entry_point_imports(module)}
-                found = sorted(set(heavy) & imported)
+                imported = entry_point_imports(module)
+                found = sorted({h for h in heavy for m in imported
+                                if m == h or m.startswith(h + ".")})
                 if found:
                     raise self._violation(
                         "registration", f"importing {module} and calling its mixprec_modes() "
