@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 import torch
+from mixprec_example import Bf16StochasticRounding, stochastic_round_to_bf16
 
 import mixprec
 from mixprec.exceptions import ModeOptionError
-from mixprec_example import Bf16StochasticRounding, stochastic_round_to_bf16
 
 # -- the rounding ----------------------------------------------------------------------------
 
@@ -136,7 +136,7 @@ def test_bytes_per_parameter_with_adam(mode, options, per_param):
 
 def test_a_misspelt_option_is_named_with_a_suggestion():
     model = torch.nn.Linear(16, 16)
-    with pytest.raises(ModeOptionError, match="does not take option 'sed'. Did you mean 'seed'?"):
+    with pytest.raises(ModeOptionError, match=r"does not take option 'sed'\. Did you mean 'seed'\?"):
         mixprec.wrap(model, mode="bf16-sr", sed=1)
     assert model.weight.dtype is torch.float32
 

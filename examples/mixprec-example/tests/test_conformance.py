@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import mixprec_example.plugin
 import torch
 
-import mixprec_example.plugin
 from mixprec.exceptions import ModeOptionError
 from mixprec.testing import ModeConformance
 
