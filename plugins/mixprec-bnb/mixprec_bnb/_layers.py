@@ -72,6 +72,54 @@ def is_quantized_layer(module: torch.nn.Module) -> bool:
     return isinstance(module, (QuantLinear4bit, QuantLinear8bit))
 
 
+#: elements quantized at a time: bounds the temporaries of one layer's quantization
+CHUNK_ELEMENTS = 2**18
+
+
+def quantize_4bit(weight: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, Any]:
+    """``bitsandbytes.functional.quantize_4bit`` of ``weight``, computed in chunks.
+
+    The result is bit-identical to one call (every chunk starts on a block
+    boundary and holds an even number of values; the double quantization of the
+    constants runs once on all of them), but the temporaries — bitsandbytes' CPU
+    path makes several fp32/int32 copies of its input — stay the size of a chunk.
+    """
+    if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        weight = weight.float()
+    flat = weight.detach().reshape(-1)
+    step = max(config.blocksize, CHUNK_ELEMENTS // config.blocksize * config.blocksize)
+    if flat.numel() <= step:
+        return bnbF.quantize_4bit(weight.detach(), blocksize=config.blocksize,
+                                  compress_statistics=config.double_quant,
+                                  quant_type=config.quant_type,
+                                  quant_storage=config.quant_storage)
+    packed, absmax = [], []
+    for start in range(0, flat.numel(), step):
+        out, scale = torch.ops.bitsandbytes.quantize_4bit.default(
+            flat[start:start + step], config.blocksize, config.quant_type, config.quant_storage)
+        packed.append(out)
+        absmax.append(scale)
+    data, scales = torch.cat(packed), torch.cat(absmax)
+    del packed, absmax
+    code = bnbF.get_4bit_type(config.quant_type, device=weight.device)
+    common = {"shape": weight.shape, "dtype": weight.dtype, "blocksize": config.blocksize,
+              "code": code, "quant_type": config.quant_type}
+    if config.double_quant:
+        offset = scales.mean()
+        nested, state2 = bnbF.quantize_blockwise(scales - offset, blocksize=256)
+        return data, bnbF.QuantState(absmax=nested, offset=offset, state2=state2, **common)
+    return data, bnbF.QuantState(absmax=scales, **common)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``int8_vectorwise_quant`` of ``weight`` (via fp16, as bitsandbytes does), a few
+    rows at a time: the scales are per row, so the result is the same as one call."""
+    rows = max(1, CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    parts = [bnbF.int8_vectorwise_quant(chunk.to(torch.float16))[:2]
+             for chunk in weight.detach().split(rows)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
 def _dense_error(name: str, prefix: str, what: str) -> CheckpointError:
     return CheckpointError(f"Checkpoint entry {prefix + name!r} {what}.")
 
@@ -120,11 +168,16 @@ class QuantLinear4bit(Linear4bit):
     def _quantize(self, weight: torch.Tensor) -> Params4bit:
         """A ``Params4bit`` for ``weight``: quantized, or still dense when on ``meta``."""
         c = self.config
-        param = Params4bit(weight, requires_grad=False, blocksize=c.blocksize,
-                           compress_statistics=c.double_quant, quant_type=c.quant_type,
-                           quant_storage=c.quant_storage, module=self)
-        if weight.device.type != "meta":
-            param = param._quantize(weight.device)
+        if weight.device.type == "meta":
+            param = Params4bit(weight, requires_grad=False, blocksize=c.blocksize,
+                               compress_statistics=c.double_quant, quant_type=c.quant_type,
+                               quant_storage=c.quant_storage, module=self)
+        else:
+            packed, quant_state = quantize_4bit(weight, c)
+            param = Params4bit(packed, requires_grad=False, quant_state=quant_state,
+                               blocksize=c.blocksize, compress_statistics=c.double_quant,
+                               quant_type=c.quant_type, quant_storage=c.quant_storage,
+                               module=self, bnb_quantized=True)
         self.quant_state = param.quant_state
         return param
 
@@ -280,8 +333,7 @@ class QuantLinear8bit(Linear8bitLt):
             return Int8Params(data, requires_grad=requires_grad, has_fp16_weights=True)
         if weight.device.type == "meta":
             return Int8Params(weight, requires_grad=False, has_fp16_weights=False)
-        cb, scb, _ = bnbF.int8_vectorwise_quant(weight.to(torch.float16))
-        return self._prequantized(cb, scb)
+        return self._prequantized(*quantize_int8(weight))
 
     @staticmethod
     def _prequantized(cb: torch.Tensor, scb: torch.Tensor) -> Int8Params:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bitsandbytes.functional as bnbF
+import mixprec_bnb._layers
 import pytest
 import torch
 from conftest import wrap_quiet
@@ -90,3 +91,33 @@ def test_int8_training_gradients_match_a_dense_layer() -> None:
     expected = (2 * out.detach()).t() @ x
     torch.testing.assert_close(layer.weight.grad, expected, rtol=1e-4, atol=1e-3)
     assert _rel_error(layer.weight.grad, linear.weight.grad) < 0.02
+
+
+@pytest.mark.parametrize(("mode", "shape", "storage"), [
+    ("nf4-dq", (96, 256), "uint8"), ("fp4", (96, 250), "uint8"), ("nf4", (64, 512), "float32"),
+])
+def test_chunked_quantization_is_bit_identical_to_one_call(
+        monkeypatch: pytest.MonkeyPatch, mode: str, shape: tuple[int, int], storage: str) -> None:
+    """Layers are quantized a chunk at a time to bound the temporaries (bitsandbytes'
+    CPU path copies its input several times); the result must not change."""
+    monkeypatch.setattr(mixprec_bnb._layers, "CHUNK_ELEMENTS", 4096)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(shape[1], shape[0])
+    q, qs = bnbF.quantize_4bit(linear.weight.detach(), blocksize=64, quant_type=mode[:3],
+                               compress_statistics=mode.endswith("-dq"),
+                               quant_storage=getattr(torch, storage))
+    wrapped = wrap_quiet(torch.nn.Sequential(linear), None,
+                         BitsandbytesMode(mode, quant_storage=storage))
+    weight = wrapped.module[0].weight
+    assert weight.dtype == q.dtype == getattr(torch, storage)
+    assert torch.equal(weight.data.view(torch.uint8), q.view(torch.uint8))  # bytes: NaN != NaN
+    for key, value in qs.as_dict(packed=True).items():
+        assert torch.equal(weight.quant_state.as_dict(packed=True)[key], value), key
+
+
+def test_chunked_int8_quantization_is_bit_identical(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mixprec_bnb._layers, "CHUNK_ELEMENTS", 1000)
+    linear, _ = _data()
+    cb, scb, _ = bnbF.int8_vectorwise_quant(linear.weight.detach().to(torch.float16))
+    layer = wrap_quiet(torch.nn.Sequential(linear), None, "int8").module[0]
+    assert torch.equal(layer.weight.data, cb) and torch.equal(layer.weight.SCB, scb)
