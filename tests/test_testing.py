@@ -8,6 +8,7 @@ import importlib
 import importlib.metadata
 import threading
 import types
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -578,3 +579,33 @@ def test_the_kit_is_not_loaded_into_other_pytest_runs(pytester):
     result.stdout.fnmatch_lines(["*fixture 'mixprec_registry' not found*"])
     pytest11 = [ep.value for ep in importlib.metadata.entry_points(group="pytest11")]
     assert not any(v.startswith("mixprec") for v in pytest11)
+
+
+# -- the plugin-author guide documents the interface and the kit -----------------------------
+
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "plugin-guide.md"
+
+
+def _public(cls: type) -> list[str]:
+    return [n for n in vars(cls) if not n.startswith("_")]
+
+
+def test_the_plugin_guide_documents_every_hook_mode_method_and_kit_check():
+    text = GUIDE.read_text()
+    hooks = [n for n in vars(mixprec.hookspecs) if n.startswith("mixprec_")]
+    assert hooks == ["mixprec_modes"]
+    expected = {
+        "hook": [f"### `{h}()" for h in hooks],
+        "ModeSpec field": [f"| `{f}` |" for f in mixprec.ModeSpec.__dataclass_fields__],
+        "PrecisionMode member": [f"`{n}" for n in _public(mixprec.PrecisionMode)],
+        "OptimizerMode member": [f"`{n}" for n in _public(mixprec.OptimizerMode)],
+        "kit check": [f"| `{n}` |" for n in _public(ModeConformance) if n.startswith("test_")],
+        "kit attribute": [f"`{n}`" for n in _public(ModeConformance)
+                          if not n.startswith(("test_", "make_", "compute_", "mode_label"))],
+        "kit hook": [f"`{n}(self" for n in _public(ModeConformance)
+                     if n.startswith(("make_", "compute_"))],
+        "fixture": [f"`{n}" for n in ("mixprec_registry", "register_mixprec_plugin")],
+    }
+    missing = {what: [m for m in marks if m not in text] for what, marks in expected.items()}
+    assert {k: v for k, v in missing.items() if v} == {}
+    assert "`mixprec.PLUGIN_API_VERSION`" in text and "`ModeSpec.api_version`" in text
