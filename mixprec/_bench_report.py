@@ -142,18 +142,25 @@ def print_report(result: BenchResult, out: TextIO | None = None) -> None:
     if not out.isatty():
         print(plain_table(result), file=out)
         return
-    console = Console(file=out)
-    for line in header_lines(result):
-        console.print(line, highlight=False, markup=False)
-    table = Table(show_edge=False, pad_edge=False)
+    from rich import box
+    from rich.text import Text
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for i, name in enumerate(_headers()):
-        table.add_column(name, justify="left" if i < 2 else "right", no_wrap=i == 0)
+        title = name if i < 2 else name.replace(" ", "\n", 1)
+        table.add_column(title, justify="left" if i < 2 else "right", no_wrap=i > 0,
+                         overflow="fold")
     for cells, r in zip(table_rows(result), result.rows):
-        table.add_row(*cells, style="red" if r.status != "ok" else None)
+        table.add_row(*(Text(c) for c in cells), style="red" if r.status != "ok" else None)
+    console = Console(file=out)
+    # Never squeeze the table: on a narrow terminal its lines wrap, as plain text would.
+    natural = console.measure(table, options=console.options.update_width(10_000)).maximum
+    console = Console(file=out, width=max(console.width, natural))
+    for line in header_lines(result):
+        console.print(Text(line))
     console.print(table)
     for line in footer_lines(result):
-        console.print(line, highlight=False, markup=False,
-                      style="red" if line.startswith("FAILED") else None)
+        console.print(Text(line, style="red" if line.startswith("FAILED") else ""))
 
 
 def to_json(result: BenchResult) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import torch
 
 from ._bench_memory import PeakTracker, StorageCounter, module_tensors, optimizer_tensors
 from ._bench_model import BenchGPT, BenchSize, MarkovTask, lm_loss, lora_targets
-from ._bench_plan import ModeChoice, peft_available
+from ._bench_plan import BASELINE, ModeChoice, peft_available
 from ._wrapper import wrap
 from .exceptions import MissingDependencyError, MixprecError, UnsupportedDeviceError
 
@@ -257,6 +257,18 @@ def _build_rows(
             continue
         rows.append(row)
         results.append(row.result)
+    if any(r.run == "LoRA" for r in results) and not any(
+            r.run == "LoRA" and r.baseline for r in results):  # a mode found freezing weights
+        more = _build_rows([ModeChoice(BASELINE, BASELINE, lora=True, baseline=True)], bases,
+                           config, params, left_out)
+        rows += more[0]
+        results += more[1]
+
+    def order(r: RowResult) -> tuple[bool, bool]:  # full runs first, each kind's baseline first
+        return r.run == "LoRA", not r.baseline
+
+    rows.sort(key=lambda row: order(row.result))
+    results.sort(key=order)
     return rows, results
 
 

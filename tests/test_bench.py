@@ -1,0 +1,359 @@
+"""``mixprec bench``: the table, the JSON file, exact byte counts, determinism, failures."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mixprec
+from mixprec._bench_memory import PeakTracker, StorageCounter, module_tensors
+from mixprec._bench_model import PRESETS, BenchGPT, MarkovTask, lora_targets, parse_size
+from mixprec._bench_plan import parse_label, plan, split_labels
+from mixprec._bench_report import plain_table, print_report, progress_bars
+from mixprec._bench_run import BenchConfig, run_bench
+from mixprec._cli import main
+from mixprec.exceptions import UnsupportedDeviceError
+
+TINY = PRESETS["tiny"]
+N = sum(p.numel() for p in BenchGPT(TINY).parameters())  # parameters of the tiny model
+P = len(list(BenchGPT(TINY).parameters()))  # parameter tensors (AdamW keeps a 4-byte step each)
+
+
+def _bench(tmp_path, *args: str) -> tuple[int, dict]:
+    path = tmp_path / "bench.json"
+    code = main(["bench", "--size", "tiny", "--quiet", "--json", str(path), *args])
+    return code, json.loads(path.read_text())
+
+
+def _row(data: dict, mode: str, run: str = "full") -> dict:
+    return next(r for r in data["rows"] if r["mode"] == mode and r["run"] == run)
+
+
+# -- a real mode that freezes quantized weights (no bitsandbytes in the core tests) -------
+
+
+class _Int8Linear(nn.Module):
+    """int8 weights with a per-row fp32 scale, frozen; the bias is kept, frozen."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+        self.register_buffer("qweight", torch.round(w / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.bias = None if linear.bias is None else nn.Parameter(
+            linear.bias.detach().clone(), requires_grad=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.qweight.float() * self.scale, self.bias)
+
+
+class FrozenInt8(mixprec.PrecisionMode):
+    """Quantizes every Linear except LoRA adapters to frozen int8."""
+
+    def convert_module(self, module: nn.Module) -> list[str]:
+        names = [n for n, m in module.named_modules()
+                 if isinstance(m, nn.Linear) and "lora_" not in n]
+        for name in names:
+            parent, _, attr = name.rpartition(".")
+            owner = module.get_submodule(parent) if parent else module
+            setattr(owner, attr, _Int8Linear(getattr(owner, attr)))
+        return [f"{len(names)} Linear layers -> frozen int8"]
+
+
+class CudaOnly(mixprec.PrecisionMode):
+    def validate(self, module: nn.Module, device: torch.device) -> None:
+        if device.type != "cuda":
+            raise UnsupportedDeviceError(
+                "Mode 'cuda-only' needs a CUDA device, but the model is on 'cpu'; "
+                "use bf16-mixed on a CPU.", device=device)
+
+
+class _TestModes:
+    @mixprec.hookimpl
+    def mixprec_modes(self) -> list[mixprec.ModeSpec]:
+        return [mixprec.ModeSpec("int8", FrozenInt8, "frozen int8 (test)"),
+                mixprec.ModeSpec("frozen-int8", FrozenInt8, "frozen int8, unknown name (test)"),
+                mixprec.ModeSpec("cuda-only", CudaOnly, "needs CUDA (test)", requires="CUDA")]
+
+
+@pytest.fixture
+def test_modes(fresh_registry):
+    fresh_registry.register(_TestModes(), name="bench-test-modes")
+    yield fresh_registry
+    fresh_registry.unregister("bench-test-modes")
+
+
+# -- the model and the task ----------------------------------------------------------------
+
+
+def test_the_task_has_an_exact_floor_that_a_trained_model_approaches():
+    task = MarkovTask(vocab=16, seed=0)
+    data = task.batches(2, 64, 16, seed=1)
+    floor = task.floor(data)
+    assert 0.5 < floor < math.log(16)
+    # the floor is the true source's loss: scoring the data with the true
+    # conditional probabilities gives it back up to sampling noise
+    tokens = data.reshape(-1, 17)
+    p = task.dense[tokens[:, 1:-1], tokens[:, :-2] % 2].gather(2, tokens[:, 2:, None])
+    assert float(-p.log().mean()) == pytest.approx(floor, rel=0.05)
+    # same seed, same data; another seed, other data
+    assert torch.equal(task.batches(1, 4, 8, seed=3), MarkovTask(16, 0).batches(1, 4, 8, seed=3))
+    assert not torch.equal(task.batches(1, 4, 8, seed=3), task.batches(1, 4, 8, seed=4))
+
+
+def test_size_presets_and_explicit_dims():
+    assert parse_size("tiny") == TINY
+    assert parse_size("tiny,layers=2,tied=true") == TINY.__class__(
+        **{**vars(TINY), "layers": 2, "tied": True})
+    assert parse_size("dim=96,heads=4").dim == 96
+    for bad, words in [("huge", "neither a preset"), ("dim=x", "whole number"),
+                       ("dim=30,heads=4", "not a multiple"), ("layers=0", "at least 1")]:
+        with pytest.raises(ValueError, match=words):
+            parse_size(bad)
+    tied = BenchGPT(parse_size("tiny,tied=true"))
+    assert tied.head.weight is tied.tok.weight
+
+
+def test_mode_labels_carry_options_and_classify_frozen_modes():
+    assert split_labels("a,b[x=1,y=2]+c, d") == ["a", "b[x=1,y=2]+c", "d"]
+    choice = parse_label("bf16-true[master_weights=True]+adamw8bit")
+    assert (choice.mode, choice.options, choice.lora) == (
+        "bf16-true+adamw8bit", {"master_weights": True}, False)
+    assert parse_label("nf4-dq+paged-adamw8bit").lora and parse_label("int8").lora
+    assert not parse_label("int8-training").lora
+    assert "not key=value" in parse_label("bf16-true[oops]").error
+
+
+# -- the table and the JSON file -------------------------------------------------------------
+
+
+def test_core_modes_table_json_and_exact_bytes(fresh_registry, tmp_path, capsys):
+    code, data = _bench(tmp_path, "--steps", "4", "--modes",
+                        "bf16-true,bf16-true[master_weights=True],16-true,64-true,bf16-mixed")
+    assert code == 0
+    out = capsys.readouterr().out
+    for word in ("step ms", "speed", "weights B/p", "grads B/p", "optim B/p", "state MiB",
+                 "peak MiB", "loss", "vs 32-true", "skipped", "tracked tensors",
+                 "best possible loss"):
+        assert word in out
+    assert [r["mode"] for r in data["rows"]] == [
+        "32-true", "bf16-true", "bf16-true[master_weights=True]", "16-true", "64-true",
+        "bf16-mixed"]  # the baseline first, then the order asked for
+    expected = {  # (weights, grads, optimizer) bytes, counted from the tensors
+        "32-true": (4 * N, 4 * N, 8 * N + 4 * P),
+        "bf16-true": (2 * N, 2 * N, 4 * N + 4 * P),
+        "bf16-true[master_weights=True]": (2 * N, 4 * N, 12 * N + 4 * P),  # fp32 masters
+        "16-true": (2 * N, 2 * N, 8 * N + 4 * P),  # fp32 optimizer state
+        "64-true": (8 * N, 8 * N, 16 * N + 4 * P),
+        "bf16-mixed": (4 * N, 4 * N, 8 * N + 4 * P),
+    }
+    for mode, (w, g, o) in expected.items():
+        row = _row(data, mode)
+        assert row["status"] == "ok" and row["params"] == N
+        assert (row["bytes"]["weights"], row["bytes"]["grads"], row["bytes"]["optimizer"]) \
+            == (w, g, o), mode
+        assert row["bytes"]["state"] == w + g + o
+        assert row["state_mib"] == pytest.approx((w + g + o) / 2**20)
+        # the step's peak holds the state and at least the activations on top of it
+        assert row["bytes"]["peak"] > w + g + o
+        assert len(row["losses"]) == 4 and len(row["step_ms_all"]) == 2
+        assert row["step_ms"] == pytest.approx(sum(row["step_ms_all"]) / 2)  # the median of 2
+        assert row["skipped_steps"] == 0
+    assert _row(data, "32-true")["bytes_per_param"] == {
+        "weights": 4.0, "grads": 4.0, "optimizer": 8 + 4 * P / N}
+    assert _row(data, "bf16-true")["bytes_per_param"]["weights"] == 2.0
+    base = _row(data, "32-true")
+    assert base["baseline"] and base["speed"] == 1.0 and base["loss_gap"] == 0.0
+    bf16 = _row(data, "bf16-true")
+    assert bf16["speed"] == pytest.approx(base["step_ms"] / bf16["step_ms"])
+    assert bf16["loss_gap"] == pytest.approx(bf16["final_loss"] - base["final_loss"])
+    assert data["task"]["loss_floor"] < base["final_loss"] < data["task"]["uniform_loss"] + 0.1
+    assert data["config"]["steps"] == 4 and data["config"]["size"]["dim"] == TINY.dim
+    assert "tracked tensors" in data["memory_method"]
+
+
+def test_fp16_loss_scaling_skips_are_counted(fresh_registry, tmp_path):
+    # a loss scale of 1e12 overflows fp16 gradients, and halving it six times does not help
+    mode = "16-mixed[init_scale=1e12,max_scale=1e12]"
+    code, data = _bench(tmp_path, "--steps", "6", "--modes", mode)
+    assert code == 0
+    row = _row(data, mode)
+    assert row["status"] == "ok" and row["skipped_steps"] == 6
+    assert _row(data, "32-true")["skipped_steps"] == 0
+    assert all(math.isfinite(x) for x in row["losses"])
+    # nothing was stepped: the model still predicts no better than at the start
+    assert row["final_loss"] > _row(data, "32-true")["final_loss"]
+
+
+def test_same_seed_same_losses_other_seed_other_losses(fresh_registry):
+    def losses(seed: int) -> dict[str, list[float]]:
+        choices, _ = plan("bf16-mixed,16-true", torch.device("cpu"))
+        config = BenchConfig(size=TINY, steps=4, seed=seed, device=torch.device("cpu"))
+        result = run_bench(choices, config, lambda description, total: lambda n: None)
+        return {r.label: [*r.losses, r.final_loss] for r in result.rows}
+
+    first = losses(0)
+    assert first == losses(0)  # exact: same model, data and order of operations
+    assert first["32-true"] != losses(1)["32-true"]
+    assert set(first) == {"32-true", "bf16-mixed", "16-true"}
+
+
+# -- failures --------------------------------------------------------------------------------
+
+
+def test_a_mode_that_cannot_run_fails_the_exit_code_while_others_report(
+        test_modes, tmp_path, capsys):
+    code, data = _bench(tmp_path, "--steps", "3", "--modes", "bf16-mixed,nf5,cuda-only")
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "could not run here: nf5 (full), cuda-only (full)" in captured.err
+    assert "FAILED: nf5 (full): Unknown precision mode 'nf5'" in captured.out
+    assert "FAILED: cuda-only (full): Mode 'cuda-only' needs a CUDA device" in captured.out
+    assert _row(data, "bf16-mixed")["status"] == "ok"
+    assert _row(data, "bf16-mixed")["final_loss"] > 0
+    failed = _row(data, "nf5")
+    assert failed["status"] == "error" and "Available:" in failed["error"]
+    # a first-party mode that is not installed names the distribution to install
+    code, data = _bench(tmp_path, "--steps", "3", "--modes", "nf4-dq")
+    assert code == 1 and "pip install mixprec-bnb" in _row(data, "nf4-dq", "LoRA")["error"]
+
+
+def test_default_run_leaves_out_what_this_device_cannot_run(test_modes, tmp_path, capsys):
+    code, data = _bench(tmp_path, "--steps", "3")
+    assert code == 0
+    modes = [r["mode"] for r in data["rows"]]
+    assert modes[:7] == ["32-true", "bf16-mixed", "bf16-true", "bf16-true[master_weights=True]",
+                         "16-mixed", "16-true", "64-true"]
+    assert "cuda-only" not in modes
+    assert {"mode": "cuda-only", "reason": "Mode 'cuda-only' needs a CUDA device, but the "
+            "model is on 'cpu'; use bf16-mixed on a CPU."} in data["not_run"]
+    assert "not run: cuda-only: Mode 'cuda-only' needs a CUDA device" in capsys.readouterr().out
+
+
+def test_bad_arguments_exit_2_with_the_fix(fresh_registry, capsys):
+    assert main(["bench", "--size", "huge"]) == 2
+    assert "neither a preset (tiny, small, medium)" in capsys.readouterr().err
+    assert main(["bench", "--steps", "2"]) == 2
+    assert "use at least 3" in capsys.readouterr().err
+    assert main(["bench", "--device", "nonsense"]) == 2
+    assert "use cpu or cuda" in capsys.readouterr().err
+
+
+# -- frozen quantized weights: LoRA fine-tunes -------------------------------------------------
+
+
+def _int8_lora_weight_bytes() -> int:
+    model = BenchGPT(TINY)
+    total, rank = 0, 8
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            total += m.out_features * m.in_features  # int8 weight
+            total += 4 * m.out_features * (2 if m.bias is not None else 1)  # fp32 scale, bias
+            if name.rpartition(".")[2] in lora_targets():
+                total += 4 * rank * (m.in_features + m.out_features)  # fp32 LoRA A and B
+        elif isinstance(m, (nn.Embedding, nn.LayerNorm)):
+            total += 4 * sum(p.numel() for p in m.parameters())
+    return total
+
+
+def test_frozen_weight_modes_run_as_lora_fine_tunes(test_modes, tmp_path, capsys):
+    pytest.importorskip("peft")
+    code, data = _bench(tmp_path, "--steps", "4", "--modes", "bf16-mixed,int8,frozen-int8")
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "LoRA rows: quantized weights are frozen" in out
+    rows = [(r["mode"], r["run"]) for r in data["rows"]]
+    assert rows[:3] == [("32-true", "full"), ("bf16-mixed", "full"), ("32-true", "LoRA")]
+    # int8 is known by name; frozen-int8 is found freezing the weights at wrap
+    assert sorted(rows[3:]) == [("frozen-int8", "LoRA"), ("int8", "LoRA")]
+    lora_params = sum(rank_in_out for rank_in_out in (
+        8 * (m.in_features + m.out_features) for n, m in BenchGPT(TINY).named_modules()
+        if isinstance(m, nn.Linear) and n.rpartition(".")[2] in lora_targets()))
+    for mode in ("int8", "frozen-int8"):
+        row = _row(data, mode, "LoRA")
+        assert row["status"] == "ok" and row["params"] == N
+        assert row["bytes"]["weights"] == _int8_lora_weight_bytes()
+        assert row["bytes"]["grads"] == 4 * lora_params  # only the adapters train
+        assert row["bytes"]["optimizer"] == 8 * lora_params + 4 * 2 * 4 * TINY.layers
+    ref = _row(data, "32-true", "LoRA")
+    assert ref["baseline"] and ref["bytes"]["grads"] == 4 * lora_params
+    assert ref["bytes"]["weights"] == 4 * (N + lora_params)
+    assert _row(data, "int8", "LoRA")["speed"] == pytest.approx(
+        ref["step_ms"] / _row(data, "int8", "LoRA")["step_ms"])
+    # both int8 rows ran the same fine-tune
+    assert _row(data, "int8", "LoRA")["losses"] == _row(data, "frozen-int8", "LoRA")["losses"]
+
+
+# -- memory accounting -------------------------------------------------------------------------
+
+
+def test_cpu_peak_tracking_counts_exact_tensor_bytes():
+    tracker = PeakTracker(torch.device("cpu"))
+    keep = torch.zeros(1000)
+    with tracker.track():
+        big = torch.empty(2**20, dtype=torch.uint8)
+        del big
+        small = torch.empty(2**18, dtype=torch.uint8)
+        del keep  # freeing a tensor from before the block does not lower the count
+    assert tracker.transient == 2**20
+    assert small.numel() == 2**18
+
+
+def test_storages_are_counted_once():
+    model = BenchGPT(parse_size("tiny,tied=true"))
+    counter = StorageCounter()
+    weights = counter.add(module_tensors(model))
+    assert weights == 4 * sum(p.numel() for p in model.parameters())  # the tied matrix once
+    assert counter.add([model.head.weight, model.tok.weight[:2]]) == 0
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def test_rich_table_on_a_terminal_and_plain_text_elsewhere(fresh_registry):
+    pytest.importorskip("rich")
+    choices, _ = plan("bf16-true[master_weights=True]", torch.device("cpu"))
+    config = BenchConfig(size=TINY, steps=3, seed=0, device=torch.device("cpu"))
+    result = run_bench(choices, config, lambda description, total: lambda n: None)
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term, pipe = Terminal(), io.StringIO()
+    print_report(result, term)
+    print_report(result, pipe)
+    assert pipe.getvalue().strip() == plain_table(result).strip()
+    shown = term.getvalue()
+    assert shown != pipe.getvalue()
+    # an 80-column terminal does not squeeze the table; option brackets are not markup
+    assert "bf16-true[master_weights=True]" in shown and "32-true" in shown
+    assert "weights" in shown and "B/p" in shown
+
+
+def test_progress_without_rich_is_plain_lines(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "rich.progress", None)  # as if rich were not installed
+    with progress_bars(quiet=False) as start:
+        advance = start("training 2 modes", 4)
+        for _ in range(4):
+            advance(1)
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["training 2 modes ...", "  20% (1/4)", "  50% (2/4)",
+                                "  70% (3/4)", "  100% (4/4)"]
+
+
+def test_plot_draws_a_png(fresh_registry, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "bench.png"
+    assert main(["bench", "--size", "tiny", "--steps", "3", "--quiet", "--modes", "bf16-mixed",
+                 "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
