@@ -434,10 +434,19 @@ class QuantLinear8bit(Linear8bitLt):
                 f"compute_dtype={self.config.compute_dtype}")
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+
+
 def build_layer(linear: torch.nn.Linear, config: QuantConfig) -> QuantLinear4bit | QuantLinear8bit:
-    """The quantized replacement of ``linear``."""
+    """The quantized replacement of ``linear``; the forward hooks registered on it carry over."""
     cls = QuantLinear4bit if config.kind == "4bit" else QuantLinear8bit
-    return cls.from_linear(linear, config)
+    layer = cls.from_linear(linear, config)
+    for name in _HOOK_DICTS:
+        source = getattr(linear, name, None)
+        if source:
+            getattr(layer, name).update(source)
+    return layer
 
 
 def init_layer_class(config: QuantConfig) -> type[torch.nn.Linear]:

@@ -225,13 +225,15 @@ def test_master_weights_get_overrides_by_the_model_names() -> None:
 
 
 def test_adamw8bit_ends_within_3_percent_of_fp32_adamw() -> None:
+    """Same seed, data and hyper-parameters; compared mid-training (loss ~0.45 of 4.16 at
+    the start), where the loss still says something, rather than at ~0."""
     def run(mode: str) -> float:
         model = make_lm()
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
         wrapped, wopt = mixprec.wrap(model, opt, mode)
-        losses = train(wrapped, wopt, 80)
+        losses = train(wrapped, wopt, 60)
         return sum(losses[-8:]) / 8
 
     reference, eight_bit = run("32-true"), run("adamw8bit")
-    assert reference < 2.0  # the task is learned (log(64) = 4.16 at the start)
+    assert reference < 1.0  # the task is being learned (log(64) = 4.16 at the start)
     assert abs(eight_bit - reference) <= 0.03 * reference, (eight_bit, reference)

@@ -72,6 +72,20 @@ def test_remap_keeps_state_of_kept_parameters_and_drops_the_rest() -> None:
     assert all(math.isfinite(v) for v in losses)
 
 
+def test_forward_hooks_and_train_flag_carry_over() -> None:
+    model = make_lm()
+    model.blocks[0].up.eval()
+    seen: list[tuple[int, ...]] = []
+    model.blocks[0].up.register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape)))
+    model.blocks[0].up.register_forward_pre_hook(lambda m, args: (args[0] * 0,))
+    wrapped = wrap_quiet(model, None, "nf4")
+    layer = wrapped.blocks[0].up
+    assert isinstance(layer, QuantLinear4bit) and not layer.training
+    out = layer(torch.randn(2, 64))
+    assert seen == [(2, 128)]
+    assert torch.equal(out, layer.bias.expand(2, -1).to(torch.bfloat16).float())
+
+
 def test_no_warning_when_nothing_that_trained_is_frozen() -> None:
     model = make_lm()
     for p in model.parameters():
