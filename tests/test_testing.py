@@ -16,7 +16,8 @@ import torch
 
 import mixprec
 from mixprec.exceptions import ModeOptionError
-from mixprec.testing import CONTRACTS, ContractViolation, ModeConformance
+from mixprec._conformance import Snapshot
+from mixprec.testing import CONTRACTS, ConformanceNet, ContractViolation, ModeConformance
 
 pytest_plugins = ["pytester"]
 
@@ -113,6 +114,76 @@ def test_in_place_conversion_breaks_atomic_wrap():
     assert err.contract == "atomic wrap" and err.mode == "_InPlaceScale"
     assert "parameter 'fc1.weight' changed value" in err.problem
     assert "instead of writing into existing tensors in place" in err.fix
+
+
+def _backward_pre_hook(module, grad_output):
+    return None
+
+
+class _HooksAndAttributes(mixprec.TruePrecision):
+    """Registers a backward pre-hook, makes a buffer non-persistent and sets a plain
+    attribute (as a layer-swapping plugin might), all through torch's public API."""
+
+    def __init__(self):
+        super().__init__("bf16")
+
+    def convert_module(self, module):
+        lines = super().convert_module(module)
+        module.fc1.register_full_backward_pre_hook(_backward_pre_hook)
+        module.register_buffer("out_scale", module.out_scale, persistent=False)
+        module.is_converted = True
+        return lines
+
+
+@pytest.mark.xfail(raises=ContractViolation, strict=True, reason=(
+    "core bug: mixprec/_journal.py restores only _modules/_parameters/_buffers and 5 hook dicts; "
+    "_backward_pre_hooks, *_with_kwargs/_always_called hooks, _state_dict_pre_hooks, "
+    "_load_state_dict_post_hooks, _non_persistent_buffers_set and new plain attributes survive "
+    "a failed wrap (here 'out_scale' drops out of state_dict())"))
+def test_a_failed_wrap_restores_hooks_buffer_persistence_and_attributes():
+    class Case(ModeConformance):
+        mode = _HooksAndAttributes
+
+    Case().test_wrap_is_atomic_when_convert_module_fails()
+
+
+def test_snapshots_name_every_kind_of_leftover():
+    torch.manual_seed(0)
+    model = ConformanceNet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model(torch.randn(2, 32)).sum().backward()
+    opt.step()
+    snapshot = Snapshot.take(model, opt)
+    assert snapshot.differences(model, opt) == []
+    _HooksAndAttributes().convert_module(model)  # bf16 cast, hook, buffer, attribute
+    model.fc2.weight.requires_grad_(False)
+    with torch.no_grad():
+        model.fc2.bias.data = model.fc2.bias.data.float()
+        model.fc2.bias.mul_(2)  # in place
+    opt.state[model.fc1.bias]["exp_avg"] = opt.state[model.fc1.bias]["exp_avg"] + 1
+    opt.param_groups[0]["lr"] = 0.5
+    model.norm = torch.nn.LayerNorm(64)
+    assert snapshot.differences(model, opt) == [
+        "module '<root>' gained attributes ['is_converted']",
+        "module '<root>' _non_persistent_buffers_set changed (0 entries before, 1 now)",
+        "module 'fc1' _backward_pre_hooks changed (0 entries before, 1 now)",
+        "module 'norm' is a different object (LayerNorm, was LayerNorm)",
+        "parameter 'fc1.weight' has dtype torch.bfloat16, was torch.float32",
+        "parameter 'fc1.bias' has dtype torch.bfloat16, was torch.float32",
+        "parameter 'norm.weight' is a different object",
+        "parameter 'norm.weight' changed value",
+        "parameter 'norm.weight' has a different .grad",
+        "parameter 'norm.bias' is a different object",
+        "parameter 'norm.bias' changed value",
+        "parameter 'norm.bias' has a different .grad",
+        "parameter 'fc2.weight' has dtype torch.bfloat16, was torch.float32",
+        "parameter 'fc2.weight' has requires_grad=False, was True",
+        "parameter 'fc2.bias' changed value",
+        "buffer 'out_scale' has dtype torch.bfloat16, was torch.float32",
+        "model.state_dict() has other keys than before",
+        "optimizer param group 0 hyperparameters changed",
+        "optimizer state of parameter 'fc1.bias' changed",
+    ]
 
 
 def _record_grad_amax(module, inputs, output):
