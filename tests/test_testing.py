@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import mixprec
-from mixprec.exceptions import ModeOptionError
 from mixprec._conformance import Snapshot
+from mixprec.exceptions import ModeOptionError
 from mixprec.testing import CONTRACTS, ConformanceNet, ContractViolation, ModeConformance
 
 pytest_plugins = ["pytester"]
