@@ -658,7 +658,7 @@ GUIDE = Path(__file__).resolve().parent.parent / "docs" / "plugin-guide.md"
 
 
 def _public(cls: type) -> list[str]:
-    return [n for n in vars(cls) if not n.startswith("_")]
+    return [n for n in dir(cls) if not n.startswith("_")]
 
 
 def test_the_plugin_guide_documents_every_hook_mode_method_and_kit_check():
