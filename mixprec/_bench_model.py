@@ -145,8 +145,14 @@ class BenchGPT(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """GPT-2 initialisation (residual projections scaled by depth)."""
+        """GPT-2 initialisation (residual projections scaled by depth).
+
+        Weights that are not floating point (quantized as they were created, inside
+        ``mixprec.init_module("nf4")``) keep the values their layer gave them.
+        """
         for name, p in self.named_parameters():
+            if not p.is_floating_point():
+                continue
             if name.endswith("bias"):
                 p.zero_()
             elif ".ln" in name or name.startswith("ln_"):
