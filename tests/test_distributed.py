@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,12 +48,12 @@ class TinyLM(nn.Module):
     """Embedding, two residual MLP blocks, a head; ``buffer=True`` adds an fp32
     buffer to the activations (FSDP2 does not cast buffers)."""
 
-    def __init__(self, buffer: bool = False) -> None:
+    def __init__(self, buffer: bool = False, dim: int = DIM) -> None:
         super().__init__()
-        self.embed = nn.Embedding(VOCAB, DIM)
-        self.blocks = nn.ModuleList(Block(DIM) for _ in range(2))
-        self.head = nn.Linear(DIM, VOCAB)
-        self.register_buffer("offset", torch.linspace(-0.5, 0.5, DIM) if buffer else None)
+        self.embed = nn.Embedding(VOCAB, dim)
+        self.blocks = nn.ModuleList(Block(dim) for _ in range(2))
+        self.head = nn.Linear(dim, VOCAB)
+        self.register_buffer("offset", torch.linspace(-0.5, 0.5, dim) if buffer else None)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.embed(tokens)
@@ -63,9 +64,9 @@ class TinyLM(nn.Module):
         return self.head(h)
 
 
-def make_model(seed: int = 0, buffer: bool = False) -> TinyLM:
+def make_model(seed: int = 0, buffer: bool = False, dim: int = DIM) -> TinyLM:
     torch.manual_seed(seed)
-    return TinyLM(buffer)
+    return TinyLM(buffer, dim)
 
 
 def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,9 +108,9 @@ def full_weights(model: nn.Module, opt: Any) -> dict[str, torch.Tensor]:
 
 
 def single_process(mode: Any, options: dict[str, Any], *, steps: int = STEPS,
-                   optimizer: str = "sgd", seed: int = 0, buffer: bool = False
+                   optimizer: str = "sgd", seed: int = 0, buffer: bool = False, dim: int = DIM,
                    ) -> tuple[nn.Module, Any]:
-    model = make_model(seed, buffer)
+    model = make_model(seed, buffer, dim)
     model, opt = mixprec.wrap(model, _optimizer(model, optimizer), mode, **options)
     run_steps(model, opt, steps)
     return model, opt
@@ -125,11 +126,11 @@ def _optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
 
 
 def ddp_train(rank: int, world: int, tmp: Path, mode: str, options: dict[str, Any],
-              accumulate: int = 1) -> dict[str, Any]:
+              accumulate: int = 1, optimizer: str = "sgd", dim: int = DIM) -> dict[str, Any]:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = make_model(0)
-    model, opt = mixprec.wrap(model, _optimizer(model, "sgd"), mode, **options)
+    model = make_model(0, dim=dim)
+    model, opt = mixprec.wrap(model, _optimizer(model, optimizer), mode, **options)
     ddp = DDP(model)
     losses = run_steps(ddp, opt, STEPS, rank=rank, world=world, accumulate=accumulate, ddp=ddp)
     return {"weights": full_weights(ddp, opt), "losses": losses,
@@ -342,6 +343,38 @@ def _fp8_mode() -> mixprec.PrecisionMode:
     return mode if hasattr(mode, "fsdp_plan") else Fp8OnFsdp("tensorwise")
 
 
+def low_bit_adamw_fsdp(rank: int, world: int, tmp: Path) -> dict[str, Any]:
+    """torchao's AdamW8bit (mixprec-torchao's ao-adamw8bit) stepping FSDP2 shards."""
+    model = make_model(0, dim=64)  # 8192-element weights: torchao quantizes state from 4096
+    mpd.fully_shard(model, "32-true", modules=model.blocks)
+    model, opt = mixprec.wrap(model, _optimizer(model, "adamw"), ["32-true", _ao_adamw8bit()])
+    losses = run_steps(model, opt, STEPS, rank=rank, world=world)
+    state = [sorted(f"{k}:{type(v).__name__}/{type(getattr(v, '_local_tensor', v)).__name__}"
+                    for k, v in s.items()) for p, s in opt.optimizer.state.items() if p.numel() >= 4096]
+    return {"weights": full_weights(model, opt), "losses": losses, "state": state}
+
+
+def _ao_adamw8bit() -> mixprec.OptimizerMode:
+    """mixprec-torchao's ao-adamw8bit, declared FSDP2-compatible if the plugin does not yet."""
+    from mixprec_torchao._optim import LowBitAdamW
+
+    class OnFsdp(LowBitAdamW):
+        fsdp_compatible = True
+
+    mode = LowBitAdamW("8bit")
+    return mode if getattr(mode, "fsdp_compatible", False) else OnFsdp("8bit")
+
+
+def plugin_refusals(rank: int, world: int, tmp: Path) -> dict[str, Any]:
+    out = {}
+    for mode in ("nf4", "32-true+adamw8bit", "transformer-engine"):
+        try:
+            mpd.fully_shard(make_model(0), mode)
+        except mixprec.MixprecError as exc:
+            out[mode] = (type(exc).__name__, str(exc))
+    return out
+
+
 # -- the launch ----------------------------------------------------------------------------------
 
 
@@ -378,13 +411,18 @@ def _key(*parts: Any) -> str:
     return "-".join(str(p).replace("_", "").replace(" ", "") for p in parts if p not in ({}, False))
 
 
-def _have_torchao_plugin() -> bool:
-    try:
-        import mixprec_torchao._fp8  # noqa: F401
-        import torchao  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _importable(*modules: str) -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+HAVE_AO = _importable("mixprec_torchao", "torchao")
+HAVE_BNB = _importable("mixprec_bnb", "bitsandbytes")
+HAVE_TE_PLUGIN = _importable("mixprec_te")
+# (mode, optimizer): bitsandbytes 4-bit frozen base, int8 matmuls, 8-bit optimizers on DDP
+PLUGIN_DDP = ([("nf4", "adamw"), ("int8-training", "sgd"), ("32-true+adamw8bit", "adamw")]
+              if HAVE_BNB else []) + ([("32-true+ao-adamw8bit", "adamw")] if HAVE_AO else [])
 
 
 def _scenarios() -> list[tuple[str, str, dict[str, Any]]]:
@@ -401,8 +439,12 @@ def _scenarios() -> list[tuple[str, str, dict[str, Any]]]:
             ("ckpt-ddp", "checkpoint_ddp",
              {"mode": "bf16-true", "options": {"master_weights": True}}),
             ("refusals", "refusals", {})]
-    if _have_torchao_plugin():
-        out.append(("fp8-fsdp", "fp8_fsdp", {}))
+    out += [(_key("ddp-plugin", m), "ddp_train", {"mode": m, "options": {}, "optimizer": o,
+                                                   "dim": 64}) for m, o in PLUGIN_DDP]
+    if HAVE_AO:
+        out += [("fp8-fsdp", "fp8_fsdp", {}), ("ao-adamw-fsdp", "low_bit_adamw_fsdp", {})]
+    if HAVE_AO and HAVE_BNB and HAVE_TE_PLUGIN:
+        out.append(("plugin-refusals", "plugin_refusals", {}))
     return out
 
 
@@ -623,7 +665,7 @@ def test_wrong_orders_and_unsupported_combinations_are_refused_clearly(runs):
         assert got["ddp_sharded_ckpt"][0] == "CheckpointError"
 
 
-@pytest.mark.skipif(not _have_torchao_plugin(), reason="mixprec-torchao is not installed")
+@pytest.mark.skipif(not HAVE_AO, reason="mixprec-torchao is not installed")
 def test_torchao_fp8_trains_on_fsdp2_like_a_single_process(runs):
     """Within FP8 noise: each rank scales its own half-batch activations (tensorwise
     amax), so the runs differ by FP8 rounding (measured 2.4e-3; FP8 vs bf16-mixed in one
@@ -637,3 +679,44 @@ def test_torchao_fp8_trains_on_fsdp2_like_a_single_process(runs):
                          make_model(0).state_dict(), atol=4e-3)
     halves = [(a + b) / 2 for a, b in zip(rank0["losses"], rank1["losses"])]
     assert halves == pytest.approx(losses, rel=5e-3)
+
+
+@pytest.mark.parametrize(("mode", "optimizer"), PLUGIN_DDP, ids=[m for m, _ in PLUGIN_DDP])
+def test_plugin_modes_train_under_ddp_like_a_single_process(runs, mode, optimizer):
+    """Measured: nf4 2e-4, 32-true+adamw8bit and ao-adamw8bit 5e-5, int8 matmuls (SGD) 2e-3."""
+    rank0, rank1 = result(runs, _key("ddp-plugin", mode))
+    with warnings.catch_warnings():  # the plugins' own conversion notes are not under test here
+        warnings.simplefilter("ignore", mixprec.MixprecWarning)
+        model, _ = single_process(mode, {}, optimizer=optimizer, dim=64)
+    want = _detached(model.state_dict())
+    start = make_model(0, dim=64).state_dict()
+    trained = {k: v for k, v in want.items()  # not nf4's packed bytes and quantization state
+               if k in start and start[k].shape == v.shape}
+    assert_weights_close({k: rank0["weights"][k] for k in trained}, trained, start,
+                         atol=5e-3 if mode == "int8-training" else 2e-3)
+    for name, value in rank0["weights"].items():
+        assert torch.equal(value, rank1["weights"][name]), f"replicas differ in {name}"
+
+
+@pytest.mark.skipif(not HAVE_AO, reason="mixprec-torchao is not installed")
+def test_torchao_low_bit_adamw_steps_fsdp2_shards(runs):
+    rank0, rank1 = result(runs, "ao-adamw-fsdp")
+    for got in (rank0, rank1):
+        assert got["state"] and all(s == ["exp_avg:DTensor/OptimState8bit",
+                                          "exp_avg_sq:DTensor/OptimState8bit",
+                                          "step:Tensor/Tensor"] for s in got["state"])
+    model, _ = single_process(["32-true", _ao_adamw8bit()], {}, optimizer="adamw", dim=64)
+    assert_weights_close(rank0["weights"], _detached(model.state_dict()),
+                         make_model(0, dim=64).state_dict(), atol=5e-4)
+
+
+@pytest.mark.skipif(not (HAVE_AO and HAVE_BNB and HAVE_TE_PLUGIN),
+                    reason="needs mixprec-bnb, mixprec-torchao and mixprec-te")
+def test_plugin_modes_without_fsdp2_support_are_refused_by_name(runs):
+    got = result(runs, "plugin-refusals")[0]
+    for mode, name, dist in [("nf4", "'nf4'", "mixprec-bnb"),
+                             ("32-true+adamw8bit", "'adamw8bit'", "mixprec-bnb"),
+                             ("transformer-engine", "'transformer-engine'", "mixprec-te")]:
+        kind, message = got[mode]
+        assert kind == "WrapError" and name in message and dist in message, message
+        assert "FSDP2" in message and "DistributedDataParallel" in message
