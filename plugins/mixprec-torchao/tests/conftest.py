@@ -76,6 +76,32 @@ def train(model: Any, opt: Any, steps: int, start: int = 0) -> list[float]:
     return losses
 
 
+def make_wide(seed: int = 0) -> torch.nn.Module:
+    """Two 256x256 layers with bias: weights big enough for quantized optimizer state
+    (>= 4096 elements), and only two parameter shapes, so torchao's compiled optimizer
+    step compiles few graphs (the first run on a machine compiles them all)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.GELU(),
+                               torch.nn.Linear(256, 256))
+
+
+def train_wide(model: Any, opt: Any, steps: int, start: int = 0,
+               poison: bool = False) -> list[float]:
+    """Steps of a regression on fixed random data; ``poison`` puts an inf in the input."""
+    losses = []
+    for step in range(start, start + steps):
+        g = torch.Generator().manual_seed(step % 4)
+        x = torch.randn(8, 256, generator=g)
+        if poison:
+            x[0, 0] = float("inf")
+        loss = (model(x) - x).square().mean()
+        opt.backward(loss)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
+
+
 def wrap_quiet(model: torch.nn.Module, opt: torch.optim.Optimizer | None, mode: Any, **kw: Any) -> Any:
     """wrap() without the kept-layer warning (tests that check it call wrap directly)."""
     with warnings.catch_warnings():

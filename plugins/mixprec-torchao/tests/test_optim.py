@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_mlp, roundtrip, train, wrap_quiet
+from conftest import make_mlp, make_wide, roundtrip, train_wide, wrap_quiet
 from mixprec_torchao import LowBitAdamW, state_bytes
 
 import mixprec
@@ -18,21 +18,6 @@ OPTIM_MODES = ["ao-adamw8bit", "ao-adamw4bit", "ao-adamw-fp8"]
 TARGET = {"ao-adamw8bit": 2.1, "ao-adamw4bit": 1.1, "ao-adamw-fp8": 2.1}
 STATE_CLASS = {"ao-adamw8bit": "OptimState8bit", "ao-adamw4bit": "OptimState4bit",
                "ao-adamw-fp8": "OptimStateFp8"}
-
-
-def _wide(seed: int = 0) -> torch.nn.Module:
-    """Two 256x256 layers: weights big enough for quantized state (>= 4096 elements)."""
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.GELU(),
-                               torch.nn.Linear(256, 256))
-
-
-def _step_wide(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int = 1) -> None:
-    for step in range(steps):
-        x = torch.randn(8, 256, generator=torch.Generator().manual_seed(step))
-        opt.backward(model(x).square().mean())
-        opt.step()
-        opt.zero_grad()
 
 
 def _expected_bytes(mode: str, numel: int) -> int:
@@ -49,10 +34,10 @@ def _expected_bytes(mode: str, numel: int) -> int:
 
 @pytest.mark.parametrize("mode", OPTIM_MODES)
 def test_state_bytes_per_parameter(mode: str, record_property) -> None:
-    model = _wide()
+    model = make_wide()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model, opt = mixprec.wrap(model, opt, mode=f"32-true+{mode}")
-    _step_wide(model, opt)
+    train_wide(model, opt, 1)
     n_params = sum(p.numel() for p in model.parameters())
     total = state_bytes(opt)
     assert total == sum(_expected_bytes(mode, p.numel()) for p in model.parameters())
@@ -97,38 +82,39 @@ def test_hyperparameters_and_groups_are_carried() -> None:
 def test_small_tensors_step_exactly_like_torch_adamw() -> None:
     """Below 4096 elements torchao keeps fp32 state: the same update as torch.optim.AdamW
     with the carried per-group hyper-parameters (up to compiled-kernel rounding)."""
-    def groups(model: torch.nn.Module) -> list[dict]:
-        params = list(model.parameters())
-        return [{"params": params[:4]},
-                {"params": params[4:], "lr": 2e-2, "betas": (0.7, 0.9), "weight_decay": 0.1}]
-
-    def small() -> torch.nn.Module:
+    def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.GELU(),
-                                   torch.nn.Linear(48, 32), torch.nn.Linear(32, 10))
+        model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU(),
+                                    torch.nn.Linear(32, 32))
+        first, second = list(model[0].parameters()), list(model[2].parameters())
+        opt = torch.optim.AdamW(
+            [{"params": first},
+             {"params": second, "lr": 2e-2, "betas": (0.7, 0.9), "weight_decay": 0.1}],
+            lr=1e-2, eps=1e-6, weight_decay=0.02)
+        return model, opt
 
-    ref_model = small()
-    ref_opt = torch.optim.AdamW(groups(ref_model), lr=1e-2, eps=1e-6, weight_decay=0.02)
-    ref_model, ref_opt = mixprec.wrap(ref_model, ref_opt, mode="32-true")
-    model = small()
-    opt = torch.optim.AdamW(groups(model), lr=1e-2, eps=1e-6, weight_decay=0.02)
-    model, opt = mixprec.wrap(model, opt, mode="32-true+ao-adamw4bit")
+    ref_model, ref_opt = mixprec.wrap(*build(), mode="32-true")
+    model, opt = mixprec.wrap(*build(), mode="32-true+ao-adamw4bit")
     assert all(p.numel() < 4096 for p in model.parameters())
-    train(ref_model, ref_opt, 5)
-    train(model, opt, 5)
+    for step in range(5):
+        x = torch.randn(8, 32, generator=torch.Generator().manual_seed(step))
+        for m, o in ((ref_model, ref_opt), (model, opt)):
+            o.backward((m(x) - x).square().mean())
+            o.step()
+            o.zero_grad()
     for a, b in zip(ref_model.parameters(), model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", OPTIM_MODES)
 def test_quantized_state_follows_torch_adamw(mode: str) -> None:
-    ref_model, model = _wide(), _wide()
+    ref_model, model = make_wide(), make_wide()
     ref_model, ref_opt = mixprec.wrap(ref_model, torch.optim.AdamW(ref_model.parameters()))
     model, opt = mixprec.wrap(model, torch.optim.AdamW(model.parameters()),
                               mode=f"32-true+{mode}")
-    _step_wide(ref_model, ref_opt, 3)
-    _step_wide(model, opt, 3)
-    w0 = _wide().state_dict()
+    train_wide(ref_model, ref_opt, 3)
+    train_wide(model, opt, 3)
+    w0 = make_wide().state_dict()
     for name, p in model.named_parameters():
         ref_update = ref_model.state_dict()[name] - w0[name]
         update = p.detach() - w0[name]
@@ -170,10 +156,10 @@ def test_what_cannot_be_carried_is_refused_before_anything_changes(make, message
 
 
 def test_existing_state_is_quantized_into_the_new_optimizer() -> None:
-    model = _wide()
+    model = make_wide()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     plain = mixprec.wrap(model, opt)  # three plain steps first
-    _step_wide(plain[0], plain[1], 3)
+    train_wide(plain[0], plain[1], 3)
     model = mixprec.unwrap(plain[0])
     before = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
     model, ao = mixprec.wrap(model, opt, mode="32-true+ao-adamw8bit")
@@ -189,37 +175,37 @@ def test_existing_state_is_quantized_into_the_new_optimizer() -> None:
 
 
 def test_lr_schedulers_and_float_lrs_work() -> None:
-    model = make_mlp()
+    model = make_wide()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model, opt = mixprec.wrap(model, opt, mode="ao-adamw8bit")
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    train(model, opt, 1)
+    train_wide(model, opt, 1)
     scheduler.step()
     assert float(opt.param_groups[0]["lr"]) == pytest.approx(5e-3)
     opt.param_groups[0]["lr"] = 0.0  # a plain float, as a hand-written schedule sets it
     before = [p.detach().clone() for p in model.parameters()]
-    train(model, opt, 1)
+    train_wide(model, opt, 1)
     assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
     # lr 0 still applies no decay and no update
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_add_param_group_after_wrap() -> None:
-    model = make_mlp()
+    model = make_wide()
     params = list(model.parameters())
-    opt = torch.optim.AdamW(params[:-2], lr=1e-2)
+    opt = torch.optim.AdamW(params[:2], lr=1e-2)
     model, opt = wrap_quiet(model, opt, "fp8-tensorwise+ao-adamw-fp8")
-    opt.add_param_group({"params": params[-2:], "lr": 1e-3})
+    opt.add_param_group({"params": params[2:], "lr": 1e-3})
     assert float(opt.param_groups[1]["lr"]) == pytest.approx(1e-3)
-    train(model, opt, 2)
+    train_wide(model, opt, 2)
     assert all(p in opt.state for p in params)
 
 
 def test_bf16_model_with_masters_steps_fp32_masters() -> None:
-    model = _wide()
+    model = make_wide()
     opt = torch.optim.AdamW(model.parameters())
     model, opt = mixprec.wrap(model, opt, mode="bf16-true+ao-adamw4bit", master_weights=True)
-    _step_wide(model, opt, 2)
+    train_wide(model, opt, 2)
     masters = [p for g in opt.param_groups for p in g["params"]]
     assert {p.dtype for p in masters} == {torch.float32}
     assert {type(opt.state[p]["exp_avg"]).__name__ for p in masters if p.numel() >= 4096} == {
@@ -227,26 +213,28 @@ def test_bf16_model_with_masters_steps_fp32_masters() -> None:
 
 
 def test_stochastic_rounding_option_reaches_torchao() -> None:
-    model = make_mlp()
+    model = make_wide()
     opt = torch.optim.AdamW(model.parameters())
     mode = LowBitAdamW("8bit", block_size=128, bf16_stochastic_round=True)
     model, opt = mixprec.wrap(model, opt, mode=["bf16-true", mode])
     assert opt.optimizer.bf16_stochastic_round is True and opt.optimizer.block_size == 128
     assert "ao-adamw8bit(block_size=128, bf16_stochastic_round=True)" in opt.precision.summary
-    train(model, opt, 2)
+    train_wide(model, opt, 2)
+    assert {type(opt.state[p]["exp_avg"]).__name__ for p in model.parameters()} == {
+        "OptimState8bit", "Tensor"}
 
 
 @pytest.mark.parametrize("mode", OPTIM_MODES)
 def test_checkpoint_round_trip_and_exact_resume(mode: str) -> None:
-    model = _wide()
+    model = make_wide()
     model, opt = mixprec.wrap(model, torch.optim.AdamW(model.parameters()), mode=f"32-true+{mode}")
-    _step_wide(model, opt, 2)
+    train_wide(model, opt, 2)
     checkpoint = roundtrip(opt.precision.state_dict())
     state = checkpoint["optimizer"]["state"]
     assert all(type(t) is torch.Tensor for s in state.values() for v in s.values()
                for t in (v["tensors"].values() if isinstance(v, dict) else [v]))
 
-    resumed = _wide(seed=5)
+    resumed = make_wide(seed=5)
     resumed, ropt = mixprec.wrap(resumed, torch.optim.AdamW(resumed.parameters()),
                                  mode=f"32-true+{mode}")
     resumed.precision.load_state_dict(checkpoint)
@@ -257,15 +245,15 @@ def test_checkpoint_round_trip_and_exact_resume(mode: str) -> None:
             if hasattr(value, "codes"):
                 assert torch.equal(value.codes, other.codes)
                 assert torch.equal(value.scale, other.scale)
-    _step_wide(model, opt, 2)
-    _step_wide(resumed, ropt, 2)
+    train_wide(model, opt, 2)
+    train_wide(resumed, ropt, 2)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
 
 
 def test_checkpoint_loads_without_torchao_imported(tmp_path) -> None:
-    model = _wide()
+    model = make_wide()
     model, opt = mixprec.wrap(model, torch.optim.AdamW(model.parameters()), mode="ao-adamw8bit")
-    _step_wide(model, opt)
+    train_wide(model, opt, 1)
     path = tmp_path / "ckpt.pt"
     torch.save(opt.precision.state_dict(), path)
     code = (f"import sys, torch; c = torch.load({str(path)!r}, weights_only=True); "
