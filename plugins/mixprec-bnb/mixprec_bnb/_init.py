@@ -15,6 +15,7 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -33,7 +34,7 @@ class _Tracker:
 
     def __init__(self, layer_class: type) -> None:
         self.layer_class = layer_class
-        self.layers: list[torch.nn.Module] = layer_class.created  # type: ignore[attr-defined]
+        self.layers: list[Any] = layer_class.created  # type: ignore[attr-defined]
         self.parents: dict[int, torch.nn.Module] = {}
 
     def on_register(self, module: torch.nn.Module, name: str,
@@ -114,7 +115,7 @@ def layer_base(config: QuantConfig) -> type[torch.nn.Module]:
     return QuantLinear4bit if config.kind == "4bit" else QuantLinear8bit
 
 
-def _plain_linear(layer: torch.nn.Module) -> torch.nn.Linear:
+def _plain_linear(layer: Any) -> torch.nn.Linear:
     """A full-precision ``torch.nn.Linear`` in place of an excluded quantized one."""
     device = layer.weight.device
     bias = layer.bias

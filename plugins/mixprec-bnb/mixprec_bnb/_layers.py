@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
@@ -182,6 +182,11 @@ class QuantLinear4bit(Linear4bit):
         return param
 
     @property
+    def packed(self) -> Params4bit:
+        """The weight, typed as what it is: packed 4-bit values with their quant state."""
+        return cast(Params4bit, self.weight)
+
+    @property
     def is_quantized(self) -> bool:
         return bool(getattr(self.weight, "bnb_quantized", False))
 
@@ -191,7 +196,7 @@ class QuantLinear4bit(Linear4bit):
                 "This 4-bit layer holds no weights yet (it was built on the meta device); "
                 "load a state dict into the model first."
             )
-        quant_state = self.weight.quant_state
+        quant_state = self.packed.quant_state
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         out = bnb.matmul_4bit(x.to(self.compute_dtype), self.weight, bias=bias,
                               quant_state=quant_state)
@@ -202,7 +207,7 @@ class QuantLinear4bit(Linear4bit):
     def storage_nbytes(self) -> tuple[int, int]:
         """``(per-weight bytes, constant bytes)``: packed data, block constants (and their
         nested constants), then the code books, which do not grow with the layer."""
-        qs = self.weight.quant_state
+        qs = self.packed.quant_state
         per = self.weight.data.nbytes + qs.absmax.nbytes
         const = qs.code.nbytes
         if qs.nested:
@@ -342,6 +347,11 @@ class QuantLinear8bit(Linear8bitLt):
         return param
 
     @property
+    def int8_weight(self) -> Int8Params:
+        """The weight, typed as what it is: int8 values and their row scales ``SCB``."""
+        return cast(Int8Params, self.weight)
+
+    @property
     def is_quantized(self) -> bool:
         return self.weight.device.type != "meta"
 
@@ -356,7 +366,7 @@ class QuantLinear8bit(Linear8bitLt):
         if self.config.trainable:
             state.reset_grads()  # quantize the current weights, not last step's
         else:
-            state.CB, state.SCB = self.weight.data, self.weight.SCB
+            state.CB, state.SCB = self.weight.data, self.int8_weight.SCB
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).to(self.compute_dtype)
         out = bnb.matmul(flat, self.weight, state=state)
@@ -370,7 +380,7 @@ class QuantLinear8bit(Linear8bitLt):
         """``(per-weight bytes, constant bytes)``: int8 data and per-row scales."""
         if self.config.trainable:
             return self.weight.data.nbytes, 0
-        return self.weight.data.nbytes + self.weight.SCB.nbytes, 0
+        return self.weight.data.nbytes + self.int8_weight.SCB.nbytes, 0
 
     # -- checkpoints ---------------------------------------------------------------------
 

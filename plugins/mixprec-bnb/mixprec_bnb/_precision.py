@@ -197,16 +197,20 @@ class BitsandbytesMode(mixprec.PrecisionMode):
         """What ``convert_module`` will do; raises every predictable error."""
         from bitsandbytes.nn import Linear4bit, Linear8bitLt
 
-        from ._layers import TorchLinear, is_quantized_layer
+        from ._layers import QuantLinear4bit, QuantLinear8bit, TorchLinear
 
         plan = _Plan()
         adapters, plan.adapter_layers = _adapter_modules(module)
         names: dict[int, list[str]] = {}
         modules: dict[int, torch.nn.Module] = {}
+        owners: dict[int, set[int]] = {}  # parameter id -> ids of the modules holding it
         matched: set[str] = set()
         for name, sub in module.named_modules(remove_duplicate=False):
             names.setdefault(id(sub), []).append(name)
             modules[id(sub)] = sub
+            for p in sub._parameters.values():
+                if p is not None:
+                    owners.setdefault(id(p), set()).add(id(sub))
             if name and (pattern := match_name(name, self.ignore_modules)) is not None:
                 matched.add(pattern)
         unmatched = [p for p in self.ignore_modules if p not in matched]
@@ -223,7 +227,7 @@ class BitsandbytesMode(mixprec.PrecisionMode):
             shown = sub_names[0] or type(sub).__name__
             if key in adapters:
                 continue
-            if is_quantized_layer(sub):
+            if isinstance(sub, (QuantLinear4bit, QuantLinear8bit)):
                 built = sub.config if config.trainable else dataclasses.replace(
                     sub.config, compute_dtype=config.compute_dtype)
                 if built != config:
@@ -260,13 +264,16 @@ class BitsandbytesMode(mixprec.PrecisionMode):
                     )
                 if any(match_name(n, self.ignore_modules) for n in sub_names):
                     plan.ignored.append(shown)
+                elif len(owners.get(id(sub.weight), ())) > 1:
+                    plan.tied.append(shown)
                 elif type(sub) is not TorchLinear:
                     plan.subclasses.append(f"{shown} ({type(sub).__name__})")
                 else:
                     plan.targets.append((sub_names, sub))
         if not plan.targets and not plan.existing:
-            reason = (f"all {len(plan.ignored)} are excluded by ignore_modules" if plan.ignored
-                      else "it has none")
+            skipped = len(plan.ignored) + len(plan.tied) + len(plan.subclasses)
+            reason = (f"all {skipped} are excluded: ignore_modules, tied weights or subclasses"
+                      if skipped else "it has none")
             raise WrapError(
                 f"Mode {self.name!r} found no torch.nn.Linear layer to quantize ({reason}); "
                 "wrap the model in a mode that fits it, such as 'bf16-true'."
@@ -304,6 +311,9 @@ class BitsandbytesMode(mixprec.PrecisionMode):
             lines.append(f"kept {len(plan.existing)} layers quantized in init_module")
         if plan.ignored:
             lines.append(f"left in full precision (ignore_modules): {_shorten(plan.ignored)}")
+        if plan.tied:
+            lines.append("left in full precision (weight tied to another module, e.g. the "
+                         f"embedding): {_shorten(plan.tied)}")
         if plan.subclasses:
             lines.append("left alone (torch.nn.Linear subclasses that may not call their own "
                          f"forward): {_shorten(plan.subclasses)}")
@@ -360,7 +370,7 @@ class BitsandbytesMode(mixprec.PrecisionMode):
         from ._layers import is_quantized_layer
 
         optional: set[str] = set()
-        for name, layer in module.named_modules():
+        for name, layer in module.named_modules(remove_duplicate=False):
             if is_quantized_layer(layer):
                 prefix = f"{name}." if name else ""
                 layer.check_checkpoint(state, prefix)
@@ -391,6 +401,7 @@ class _Plan:
     existing: list[tuple[str, Any]] = dataclasses.field(default_factory=list)
     ignored: list[str] = dataclasses.field(default_factory=list)
     subclasses: list[str] = dataclasses.field(default_factory=list)
+    tied: list[str] = dataclasses.field(default_factory=list)
     adapter_layers: int = 0
 
 

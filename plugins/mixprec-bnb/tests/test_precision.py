@@ -270,7 +270,8 @@ def _snapshot(model: torch.nn.Module) -> list[tuple[str, type, int, torch.dtype,
     ("mode", "make", "error", "message"),
     [
         (BitsandbytesMode("nf4", ignore_modules=["lm_head", "blocks"]), make_lm, WrapError,
-         r"found no torch.nn.Linear layer to quantize \(all 5 are excluded by ignore_modules\)"),
+         r"found no torch.nn.Linear layer to quantize \(all 5 are excluded: ignore_modules, tied "
+         r"weights or subclasses\)"),
         ("nf4", lambda: torch.nn.Sequential(torch.nn.LayerNorm(4)), WrapError,
          r"found no torch.nn.Linear layer to quantize \(it has none\); wrap the model in a mode"),
         ("int8", lambda: torch.nn.Linear(8, 8), WrapError,
@@ -321,6 +322,20 @@ def test_linear_subclasses_and_shared_layers() -> None:
     x = torch.randn(3, 1, 16)
     out, _ = wrapped.attn(x, x, x)
     assert out.shape == (3, 1, 16)
+
+
+def test_a_linear_tied_to_the_embedding_stays_full_precision() -> None:
+    """Quantizing a head that shares its weight with the embedding would split the two."""
+    model = make_lm()
+    model.lm_head.weight = model.emb.weight
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    wrapped, wopt = wrap_quiet(model, opt, "nf4-dq+adamw8bit")
+    assert type(wrapped.lm_head) is torch.nn.Linear
+    assert wrapped.lm_head.weight is wrapped.emb.weight and wrapped.emb.weight.requires_grad
+    assert ("left in full precision (weight tied to another module, e.g. the embedding): "
+            "lm_head" in wopt.precision.summary)
+    train(wrapped, wopt, 2)
+    assert wopt.state[wrapped.emb.weight]["state1"].dtype == torch.float32
 
 
 def test_a_small_model_trains_its_unquantized_parameters() -> None:
