@@ -4,7 +4,7 @@ the plumbing they share (see :mod:`mixprec.testing`)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import pytest
@@ -129,9 +129,10 @@ class ConformanceBase:
     output_dtype: ClassVar[torch.dtype | None] = torch.float32
     #: Largest ``‖out - ref‖ / ‖ref‖`` against the unwrapped fp32 model.
     max_output_error: ClassVar[float] = 0.1
-    #: dtype of floating-point parameters built under ``mixprec.init_module``;
-    #: None: the mode's ``param_dtype``, else float32.
-    init_dtype: ClassVar[torch.dtype | None] = None
+    #: dtype of floating-point parameters built under ``mixprec.init_module``: a
+    #: dtype, or a dict of parameter names to dtypes (others: the default). None /
+    #: the default: the mode's ``param_dtype``, else float32.
+    init_dtype: ClassVar[torch.dtype | Mapping[str, torch.dtype] | None] = None
     #: ``init_module(mode, device="meta")``, ``load_state_dict(fp32, assign=True)``,
     #: then wrap works.
     supports_meta_init: ClassVar[bool] = True

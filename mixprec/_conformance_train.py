@@ -7,7 +7,7 @@ import copy
 import io
 import math
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
@@ -156,10 +156,12 @@ class TrainChecks(ConformanceBase):
                         "max_output_error on the test class only if the format's error is "
                         "really that large.")
 
-    def _expected_init_dtype(self, precision: mixprec.PrecisionWrapper) -> torch.dtype:
-        if self.init_dtype is not None:
-            return self.init_dtype
-        return precision.precision_mode.param_dtype or torch.float32
+    def _expected_init_dtype(self, precision: mixprec.PrecisionWrapper, name: str) -> torch.dtype:
+        default = precision.precision_mode.param_dtype or torch.float32
+        spec = self.init_dtype
+        if isinstance(spec, Mapping):
+            return spec.get(name, default)
+        return default if spec is None else spec
 
     def test_init_module_builds_in_the_modes_dtype(self) -> None:
         """Under ``mixprec.init_module(mode)`` models are built in the mode's dtype;
@@ -170,16 +172,16 @@ class TrainChecks(ConformanceBase):
             options = self.options if isinstance(mode, str) else {}
             with mixprec.init_module(mode, **options) as precision:
                 model = self.make_model()
-            expected = self._expected_init_dtype(precision)
             self._check_default_dtype(default, "after the init_module block")
-            wrong = sorted({str(p.dtype) for p in model.parameters()
-                            if p.is_floating_point() and p.dtype != expected})
+            wrong = [f"{n} is {p.dtype}, expected {self._expected_init_dtype(precision, n)}"
+                     for n, p in model.named_parameters()
+                     if p.is_floating_point() and p.dtype != self._expected_init_dtype(precision, n)]
             if wrong:
                 raise self._violation(
-                    "init_module", f"parameters built under init_module are {', '.join(wrong)}, "
-                    f"expected {expected}.",
+                    "init_module", f"parameters built under init_module: {_listing(wrong, 4)}.",
                     "Set the default dtype in init_context() (and restore it after), so the model "
-                    "never exists in fp32; or set init_dtype on the test class.")
+                    "never exists in fp32; or set init_dtype on the test class (a dtype, or a dict "
+                    "of parameter names to dtypes).")
             model = model.to(self.device)
             wrapped, opt = precision.wrap(model, self.make_optimizer(model))
             self._train(wrapped, opt, 1)

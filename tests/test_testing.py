@@ -356,7 +356,8 @@ class _LeakyInitDtype(mixprec.TruePrecision):
 
 
 @pytest.mark.parametrize(("mode", "problem", "fix"), [
-    (_NoInitDtype, "parameters built under init_module are torch.float32, expected torch.bfloat16",
+    (_NoInitDtype, "parameters built under init_module: fc1.weight is torch.float32, expected "
+     "torch.bfloat16; fc1.bias is torch.float32",
      "Set the default dtype in init_context()"),
     (_LeakyInitDtype, "the default dtype is torch.bfloat16 after an error inside the init_module "
      "block, was torch.float32", "in a finally: block"),
