@@ -122,11 +122,11 @@ class Float8Training(mixprec.PrecisionMode):
             torch.bfloat16 if _parse_dtype(autocast, {"bf16": _BF16, "none": ("none", None)},
                                            "autocast") == "bf16" else None
         )
-        self.param_dtype_ = (
+        self._param_dtype = (
             torch.bfloat16 if _parse_dtype(param_dtype, {"32": _FP32, "bf16": _BF16},
                                            "param_dtype") == "bf16" else torch.float32
         )
-        if master_weights and self.param_dtype_ is torch.float32:
+        if master_weights and self._param_dtype is torch.float32:
             raise ModeOptionError(
                 "master_weights=True needs param_dtype='bf16'; with fp32 parameters the "
                 "optimizer already steps full-precision weights."
@@ -153,7 +153,7 @@ class Float8Training(mixprec.PrecisionMode):
 
     @property
     def param_dtype(self) -> torch.dtype:
-        return self.param_dtype_
+        return self._param_dtype
 
     def options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {}
@@ -164,7 +164,7 @@ class Float8Training(mixprec.PrecisionMode):
                                             type(self.module_filter).__name__)
         if self.autocast_dtype is None:
             opts["autocast"] = None
-        if self.param_dtype_ is not torch.float32:
+        if self._param_dtype is not torch.float32:
             opts["param_dtype"] = "bf16"
         for flag in ("master_weights", "emulate", "pad_inner_dim", "keep_output_dtype"):
             if getattr(self, flag):
@@ -240,8 +240,8 @@ class Float8Training(mixprec.PrecisionMode):
 
         lines = [f"fp8 recipe {self.recipe} (torchao Float8Linear, {_RECIPE_WORDS[self.recipe]}"
                  f"{', emulated GEMMs' if self.emulate else ''})"]
-        if self.param_dtype_ is not torch.float32:
-            lines.append(_cast_module(module, self.param_dtype_))
+        if self._param_dtype is not torch.float32:
+            lines.append(_cast_module(module, self._param_dtype))
 
         originals = {fqn: module.get_submodule(fqn) for fqn in plan.convert}
         wanted = set(plan.convert)
@@ -269,9 +269,9 @@ class Float8Training(mixprec.PrecisionMode):
             )
         if self.autocast_dtype is not None:
             lines.append(f"rest of the forward under torch.autocast({self.device_type!r}, "
-                         f"{self.autocast_dtype}); parameters {self.param_dtype_}")
+                         f"{self.autocast_dtype}); parameters {self._param_dtype}")
         else:
-            lines.append(f"rest of the forward in {self.param_dtype_} (no autocast)")
+            lines.append(f"rest of the forward in {self._param_dtype} (no autocast)")
         if self.device_type == "cpu" and not self.emulate:
             lines.append("CPU: FP8 GEMMs run torch._scaled_mm's reference kernel (slow; the "
                          "FP8 speed-up is a GPU property)")
@@ -281,7 +281,7 @@ class Float8Training(mixprec.PrecisionMode):
     def init_context(
         self, device: torch.device | str | None = None
     ) -> contextlib.AbstractContextManager[None]:
-        return _build_context(self.param_dtype_, device)
+        return _build_context(self._param_dtype, device)
 
     def unwrap_module(self, module: torch.nn.Module) -> torch.nn.Module:
         """Put plain ``nn.Linear`` layers (same parameter objects) back for export."""
@@ -308,9 +308,9 @@ class Float8Training(mixprec.PrecisionMode):
         return torch.autocast(self.device_type, dtype=self.autocast_dtype)
 
     def convert_input(self, data: Any) -> Any:
-        if self.param_dtype_ is torch.float32:
+        if self._param_dtype is torch.float32:
             return data
-        return mixprec.apply_to_float_tensors(data, lambda t: t.to(self.param_dtype_))
+        return mixprec.apply_to_float_tensors(data, lambda t: t.to(self._param_dtype))
 
     def convert_output(self, data: Any) -> Any:
         if self.keep_output_dtype:
