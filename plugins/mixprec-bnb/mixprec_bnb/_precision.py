@@ -72,7 +72,8 @@ class BitsandbytesMode(mixprec.PrecisionMode):
     :param dtype: compute dtype of the quantized layers (``"bf16"``, ``"16"``,
         ``"32"`` or a torch dtype); for ``int8-training`` also the dtype its
         weights are stored and trained in. Default: bf16 where the device
-        supports it (CPU, recent GPUs), else fp16.
+        supports it (CPU, recent GPUs), else fp16; fp16 for the int8 modes on
+        CUDA, whose kernels take fp16 inputs.
     :param ignore_modules: dotted module names or globs to leave alone
         (``{"lm_head"}``, ``"blocks.*.attn"``); a name selects the module and
         everything inside it. A pattern that matches nothing is an error.
@@ -162,8 +163,8 @@ class BitsandbytesMode(mixprec.PrecisionMode):
                     device=device,
                 )
             return self.dtype
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return torch.float16
+        if device.type == "cuda" and (self.kind == "int8" or not torch.cuda.is_bf16_supported()):
+            return torch.float16  # bitsandbytes' int8 CUDA kernels take fp16 inputs
         return torch.bfloat16
 
     def config(self, device: torch.device | str = "cpu") -> Any:
@@ -266,13 +267,16 @@ class BitsandbytesMode(mixprec.PrecisionMode):
                     plan.ignored.append(shown)
                 elif len(owners.get(id(sub.weight), ())) > 1:
                     plan.tied.append(shown)
+                elif sub.weight.numel() == 0:
+                    plan.empty.append(shown)
                 elif type(sub) is not TorchLinear:
                     plan.subclasses.append(f"{shown} ({type(sub).__name__})")
                 else:
                     plan.targets.append((sub_names, sub))
         if not plan.targets and not plan.existing:
-            skipped = len(plan.ignored) + len(plan.tied) + len(plan.subclasses)
-            reason = (f"all {skipped} are excluded: ignore_modules, tied weights or subclasses"
+            skipped = len(plan.ignored) + len(plan.tied) + len(plan.subclasses) + len(plan.empty)
+            reason = (f"all {skipped} are excluded: ignore_modules, tied weights, subclasses "
+                      "or empty layers"
                       if skipped else "it has none")
             raise WrapError(
                 f"Mode {self.name!r} found no torch.nn.Linear layer to quantize ({reason}); "
@@ -314,6 +318,8 @@ class BitsandbytesMode(mixprec.PrecisionMode):
         if plan.tied:
             lines.append("left in full precision (weight tied to another module, e.g. the "
                          f"embedding): {_shorten(plan.tied)}")
+        if plan.empty:
+            lines.append(f"left alone (no weights to quantize): {_shorten(plan.empty)}")
         if plan.subclasses:
             lines.append("left alone (torch.nn.Linear subclasses that may not call their own "
                          f"forward): {_shorten(plan.subclasses)}")
@@ -402,6 +408,7 @@ class _Plan:
     ignored: list[str] = dataclasses.field(default_factory=list)
     subclasses: list[str] = dataclasses.field(default_factory=list)
     tied: list[str] = dataclasses.field(default_factory=list)
+    empty: list[str] = dataclasses.field(default_factory=list)
     adapter_layers: int = 0
 
 

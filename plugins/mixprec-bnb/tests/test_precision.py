@@ -271,7 +271,7 @@ def _snapshot(model: torch.nn.Module) -> list[tuple[str, type, int, torch.dtype,
     [
         (BitsandbytesMode("nf4", ignore_modules=["lm_head", "blocks"]), make_lm, WrapError,
          r"found no torch.nn.Linear layer to quantize \(all 5 are excluded: ignore_modules, tied "
-         r"weights or subclasses\)"),
+         r"weights, subclasses or empty layers\)"),
         ("nf4", lambda: torch.nn.Sequential(torch.nn.LayerNorm(4)), WrapError,
          r"found no torch.nn.Linear layer to quantize \(it has none\); wrap the model in a mode"),
         ("int8", lambda: torch.nn.Linear(8, 8), WrapError,
@@ -298,14 +298,17 @@ def test_meta_model_is_refused() -> None:
         mixprec.wrap(model, None, "nf4")
 
 
-def test_cuda_bf16_check_names_the_fix() -> None:
-    mode = BitsandbytesMode("nf4", dtype="bf16")
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        pytest.skip("this GPU supports bf16")
-    if torch.cuda.is_available():
-        with pytest.raises(UnsupportedDeviceError, match=r"dtype='16'"):
-            mode.config("cuda")
-    assert mode.config("cpu").compute_dtype == torch.bfloat16
+def test_compute_dtype_defaults_per_device() -> None:
+    bf16, fp16 = torch.bfloat16, torch.float16
+    assert BitsandbytesMode("nf4").config("cpu").compute_dtype == bf16
+    assert BitsandbytesMode("int8-training").config("cpu").compute_dtype == bf16
+    assert BitsandbytesMode("int8").config("cuda").compute_dtype == fp16  # int8 kernels: fp16
+    gpu_bf16 = torch.cuda.is_bf16_supported()  # False with a CPU-only torch
+    assert BitsandbytesMode("nf4").config("cuda").compute_dtype == (bf16 if gpu_bf16 else fp16)
+    if not gpu_bf16:
+        with pytest.raises(UnsupportedDeviceError, match=r"does not support bfloat16; build the "
+                                                         r"mode with dtype='16'"):
+            BitsandbytesMode("nf4", dtype="bf16").config("cuda")
 
 
 def test_linear_subclasses_and_shared_layers() -> None:
@@ -336,6 +339,20 @@ def test_a_linear_tied_to_the_embedding_stays_full_precision() -> None:
             "lm_head" in wopt.precision.summary)
     train(wrapped, wopt, 2)
     assert wopt.state[wrapped.emb.weight]["state1"].dtype == torch.float32
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op:UserWarning")
+@pytest.mark.parametrize("mode", ["nf4", "int8", "int8-training"])
+def test_empty_linear_layers_are_left_alone(mode: str) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 0), torch.nn.Linear(0, 64),
+                                torch.nn.Linear(64, 64))
+    wrapped = wrap_quiet(model, None, mode)
+    assert [type(m).__name__ for m in wrapped.module] == ["Linear", "Linear",
+                                                          "QuantLinear4bit" if mode == "nf4"
+                                                          else "QuantLinear8bit"]
+    assert "left alone (no weights to quantize): 0, 1" in wrapped.precision.summary
+    assert wrapped(torch.randn(2, 8)).shape == (2, 64)
 
 
 def test_a_small_model_trains_its_unquantized_parameters() -> None:
