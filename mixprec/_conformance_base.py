@@ -125,6 +125,9 @@ class ConformanceBase:
     exact_resume: ClassVar[bool] = True
     #: ``(rtol, atol)`` for resume when ``exact_resume`` is False.
     resume_tolerance: ClassVar[tuple[float, float]] = (1e-3, 1e-5)
+    #: State-dict keys (suffixes, e.g. ``"._extra_state"`` holding a pickled blob)
+    #: left out of the resume comparison; the training they affect is still compared.
+    resume_ignore_keys: ClassVar[tuple[str, ...]] = ()
     #: dtype of the model's floating-point outputs; None leaves it unchecked.
     output_dtype: ClassVar[torch.dtype | None] = torch.float32
     #: Largest ``‖out - ref‖ / ‖ref‖`` against the unwrapped fp32 model.
@@ -133,9 +136,10 @@ class ConformanceBase:
     #: dtype, or a dict of parameter names to dtypes (others: the default). None /
     #: the default: the mode's ``param_dtype``, else float32.
     init_dtype: ClassVar[torch.dtype | Mapping[str, torch.dtype] | None] = None
-    #: ``init_module(mode, device="meta")``, ``load_state_dict(fp32, assign=True)``,
-    #: then wrap works.
-    supports_meta_init: ClassVar[bool] = True
+    #: How a model built under ``init_module(mode, device="meta")`` gets its fp32
+    #: weights: ``"assign"`` (``load_state_dict(state, assign=True)``, then wrap) or
+    #: ``"to_empty"`` (``to_empty()``, wrap, then ``load_state_dict``); None skips.
+    meta_init: ClassVar[str | None] = "assign"
     #: A plain fp32 state dict loads into the wrapped model (False: the mode refuses
     #: it with a ``CheckpointError``).
     loads_plain_state_dict: ClassVar[bool] = True

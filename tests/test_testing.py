@@ -64,6 +64,7 @@ class TestBf16True(ModeConformance):
 class Test16TrueMasterWeights(ModeConformance):
     mode = "16-true"
     options: ClassVar[dict[str, Any]] = {"master_weights": True}
+    meta_init = "to_empty"  # the other way to give a meta-built model its weights
 
 
 class TestBf16TrueMasterWeights(ModeConformance):
