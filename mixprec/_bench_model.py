@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PRESETS", "BenchGPT", "BenchSize", "MarkovTask", "parse_size"]
+__all__ = ["PRESETS", "BenchGPT", "BenchSize", "MarkovTask", "lm_loss", "lora_targets", "parse_size"]
 
 
 @dataclass(frozen=True)
