@@ -6,7 +6,7 @@ import peft
 import pytest
 import torch
 from conftest import TinyLM, assert_state_equal, lm_loss, make_lm, roundtrip, train, wrap_quiet
-from mixprec_bnb import QuantLinear4bit
+from mixprec_bnb import QuantLinear4bit, QuantLinear8bit
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 import mixprec
@@ -47,26 +47,30 @@ def test_adapters_first_then_wrap_quantizes_only_the_base_layers() -> None:
     assert train(fresh, fresh_opt, 3, start=15) == train(wrapped, wopt, 3, start=15)
 
 
-def test_wrap_first_then_adapters_on_the_quantized_model() -> None:
-    wrapped = wrap_quiet(make_lm(), None, "nf4-dq")
-    assert wrapped.module.is_loaded_in_4bit
+@pytest.mark.parametrize(("mode", "flag", "lora_cls", "base_cls"), [
+    ("nf4-dq", "is_loaded_in_4bit", "Linear4bit", QuantLinear4bit),
+    ("int8", "is_loaded_in_8bit", "Linear8bitLt", QuantLinear8bit),
+])
+def test_wrap_first_then_adapters_on_the_quantized_model(mode, flag, lora_cls, base_cls) -> None:
+    wrapped = wrap_quiet(make_lm(), None, mode)
+    assert getattr(wrapped.module, flag) is True
     peft_model = _lora(wrapped.module)  # peft edits the wrapped module in place
     layer = wrapped.blocks[0].up
-    assert type(layer) is peft.tuners.lora.bnb.Linear4bit  # peft's bitsandbytes-aware LoRA
-    assert isinstance(layer.base_layer, QuantLinear4bit)
+    assert type(layer) is getattr(peft.tuners.lora.bnb, lora_cls)  # bitsandbytes-aware LoRA
+    assert isinstance(layer.base_layer, base_cls)
     opt = torch.optim.AdamW(_adapter_params(peft_model), lr=1e-2)
     losses = train(wrapped, opt, 15)
     assert losses[-1] < losses[0]
     # adapter checkpoint (peft's own format) into a fresh quantized base
     adapters = roundtrip(get_peft_model_state_dict(peft_model))
-    fresh = wrap_quiet(make_lm(), None, "nf4-dq")
+    fresh = wrap_quiet(make_lm(), None, mode)
     fresh_peft = _lora(fresh.module)
     set_peft_model_state_dict(fresh_peft, adapters)
     tokens = torch.randint(0, 64, (2, 8))
     assert torch.equal(fresh(tokens), wrapped(tokens))
     # full checkpoint (quantized base and adapters) through the wrapped module
     full = roundtrip(wrapped.state_dict())
-    other = wrap_quiet(make_lm(9), None, "nf4-dq")
+    other = wrap_quiet(make_lm(9), None, mode)
     _lora(other.module)
     other.load_state_dict(full)
     assert_state_equal(other.state_dict(), wrapped.state_dict())
