@@ -72,6 +72,20 @@ class TestBf16TrueMasterWeights(ModeConformance):
     options: ClassVar[dict[str, Any]] = {"master_weights": True}
 
 
+@pytest.mark.gpu
+class TestBf16MixedOnCuda(ModeConformance):
+    """The kit on a GPU (skips itself without CUDA)."""
+
+    mode = "bf16-mixed"
+    device = "cuda"
+
+
+@pytest.mark.gpu
+class Test16MixedOnCuda(ModeConformance):
+    mode = "16-mixed"
+    device = "cuda"
+
+
 # -- broken modes fail the check of the contract they break ------------------------------------
 
 

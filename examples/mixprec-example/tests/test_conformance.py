@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import mixprec_example.plugin
+import pytest
 import torch
 
 from mixprec.exceptions import ModeOptionError
@@ -32,3 +33,12 @@ class TestBf16SrKeepingBf16Outputs(ModeConformance):
     options: ClassVar[dict[str, Any]] = {"seed": 7, "keep_output_dtype": True}
     output_dtype = torch.bfloat16
     heavy_imports = ("mixprec_example._mode",)
+
+
+@pytest.mark.gpu
+class TestBf16SrOnCuda(ModeConformance):
+    """One generator per device: the CUDA one is seeded, saved and restored too
+    (skips itself without CUDA)."""
+
+    mode = "bf16-sr"
+    device = "cuda"
