@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 
 import mixprec_torchao
 import pytest
@@ -118,3 +119,12 @@ def test_wrap_by_mode_objects_and_list() -> None:
     model, opt = mixprec.wrap(model, opt, mode=[mixprec_torchao.Float8Training("rowwise"),
                                                 "ao-adamw8bit"])
     assert opt.precision.mode_name == "fp8-rowwise+ao-adamw8bit"
+
+
+def test_public_names_are_the_documented_ones() -> None:
+    assert sorted(mixprec_torchao.__all__) == [
+        "Float8Training", "LowBitAdamW", "RECIPES", "__version__", "state_bytes"]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name in mixprec_torchao.__all__:
+        if name != "__version__":
+            assert f"`{name}" in readme, name
