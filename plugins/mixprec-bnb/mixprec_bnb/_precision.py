@@ -82,6 +82,8 @@ class BitsandbytesMode(mixprec.PrecisionMode):
         (``"uint8"`` default; ``"bfloat16"`` etc. for FSDP-style flattening).
     :param master_weights: ``int8-training`` only: keep fp32 master copies of the
         16-bit weights in the optimizer (gradients accumulate and the step runs in fp32).
+        Default: on when the weights end up in fp16 (a torch Adam step on fp16 weights
+        goes NaN: ``eps=1e-8`` is 0 in fp16), off otherwise.
     """
 
     def __init__(
@@ -92,7 +94,7 @@ class BitsandbytesMode(mixprec.PrecisionMode):
         ignore_modules: str | Iterable[str] = (),
         blocksize: int | None = None,
         quant_storage: str | torch.dtype | None = None,
-        master_weights: bool = False,
+        master_weights: bool | None = None,
     ) -> None:
         if mode not in MODES:
             raise ModeOptionError(
@@ -133,6 +135,7 @@ class BitsandbytesMode(mixprec.PrecisionMode):
                 "are full precision."
             )
         self.master_weights = bool(master_weights)
+        self._auto_masters = master_weights is None and self.trainable
         self._options = {
             "dtype": None if dtype is None else _dtype_name(self.dtype),  # type: ignore[arg-type]
             "ignore_modules": list(self.ignore_modules) or None,
@@ -329,6 +332,11 @@ class BitsandbytesMode(mixprec.PrecisionMode):
         if config.trainable:
             lines.append(f"weights stay trainable in {_dtype_name(config.compute_dtype)}; "
                          "the int8 matmul re-quantizes them every forward")
+            if self._auto_masters and config.compute_dtype is torch.float16:
+                # Adam on fp16 weights divides by eps=1e-8, which is 0 in fp16: NaN on step 2.
+                self.master_weights = True
+                lines.append("fp32 master weights for the fp16 weights (pass "
+                             "master_weights=False to train them in fp16)")
         else:
             lines.append("biases, norms, embeddings and excluded layers keep their dtype and "
                          "trainability")

@@ -38,7 +38,7 @@ OPTIMIZER_MODES = {
 def _precision_factory(name: str) -> Callable[..., BitsandbytesMode]:
     def factory(
         *, dtype: Any = None, ignore_modules: str | Iterable[str] = (),
-        blocksize: int | None = None, quant_storage: Any = None, master_weights: bool = False,
+        blocksize: int | None = None, quant_storage: Any = None, master_weights: bool | None = None,
     ) -> BitsandbytesMode:
         from ._precision import BitsandbytesMode
 

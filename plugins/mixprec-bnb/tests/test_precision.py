@@ -112,6 +112,21 @@ def test_int8_training_keeps_trainable_half_weights_in_the_optimizer() -> None:
     assert losses[-1] < losses[0]
 
 
+def test_int8_training_in_fp16_gets_fp32_masters_and_trains_without_nan() -> None:
+    """A torch Adam step on fp16 weights goes NaN (eps=1e-8 is 0 in fp16): fp16
+    int8-training keeps fp32 masters unless told otherwise."""
+    model = make_lm()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    wrapped, wopt = mixprec.wrap(model, opt, "int8-training", dtype=torch.float16)
+    assert wrapped.blocks[0].up.weight.dtype == torch.float16
+    assert "fp32 master weights" in wopt.precision.summary
+    assert all(p.dtype == torch.float32 for g in wopt.param_groups for p in g["params"])
+    losses = train(wrapped, wopt, 12)
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert wopt.precision.skipped_steps == 0
+    assert all(torch.isfinite(p).all() for p in wrapped.parameters())
+
+
 def test_int8_training_requantizes_after_every_step_even_with_zeroed_grads() -> None:
     """bitsandbytes reuses its int8 copy while ``weight.grad`` is not None; zero_grad
     (set_to_none=False) would then run every later forward on stale weights."""
