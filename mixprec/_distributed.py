@@ -257,6 +257,13 @@ class _ShardedMode(PrecisionMode):
     def optimizer_step_context(self, optimizer: torch.optim.Optimizer) -> contextlib.AbstractContextManager[None]:
         return self.mode.optimizer_step_context(optimizer)
 
+    def module_state_dict(self, module: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+        return self.mode.module_state_dict(module, state)
+
+    def load_module_state_dict(self, module: torch.nn.Module, state: Mapping[str, Any],
+                               strict: bool) -> Any:
+        return self.mode.load_module_state_dict(module, state, strict)
+
     def state_dict(self) -> dict[str, Any]:
         return self.mode.state_dict()
 
@@ -513,7 +520,8 @@ def set_state_dict(
             precision._load_precision_state(extra)  # raises the mode-mismatch error
     opts = StateDictOptions(full_state_dict=full_state_dict,
                             broadcast_from_rank0=broadcast_from_rank0)
-    set_model_state_dict(inner, state["model"] if have else {}, options=opts)
+    # torch writes DTensors into the dict it is given: copy, the caller's stays as it was
+    set_model_state_dict(inner, dict(state["model"]) if have else {}, options=opts)
     if precision.optimizer is not None:
         if full_state_dict and optim is not None:
             optim = _index_to_fqn(optim, _optimizer_names(precision))

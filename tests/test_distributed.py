@@ -245,7 +245,15 @@ def checkpoint_fsdp(rank: int, world: int, tmp: Path, mode: str,
                        full_state_dict=True)
     run_steps(model, opt, 2, start=2, rank=rank, world=world)
     out.update(from_full=full_weights(model, opt), from_full_scale=opt.precision.loss_scale,
-               steps=opt.precision.steps, full=full)
+               steps=opt.precision.steps,  # (state dicts alias live tensors, as torch's do)
+               full=torch.load(tmp / "full.pt", weights_only=True) if rank == 0 else {})
+
+    model, opt = fresh(1)  # the full checkpoint read on rank 0 only, broadcast to the others
+    mpd.set_state_dict(model, opt, torch.load(tmp / "full.pt", weights_only=True) if rank == 0
+                       else {}, full_state_dict=True, broadcast_from_rank0=True)
+    run_steps(model, opt, 2, start=2, rank=rank, world=world)
+    out.update(from_broadcast=full_weights(model, opt),
+               from_broadcast_scale=opt.precision.loss_scale)
     return out
 
 
@@ -603,7 +611,7 @@ def test_fsdp_overflow_in_one_ranks_gradient_shard_skips_the_step_on_every_rank(
 def test_fsdp_checkpoints_resume_bit_identically_on_two_ranks(runs, name):
     rank0, _ = result(runs, name)
     expected = rank0["expected"]
-    for resumed in ("from_dcp", "from_full"):
+    for resumed in ("from_dcp", "from_full", "from_broadcast"):
         got = rank0[resumed]
         assert got.keys() == expected.keys()
         for k, value in expected.items():
