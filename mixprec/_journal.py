@@ -10,19 +10,15 @@ from typing import Any
 
 import torch
 
-_MODULE_DICTS = ("_modules", "_parameters", "_buffers", "_forward_hooks", "_forward_pre_hooks",
-                 "_backward_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks")
-
 
 class Journal:
     """Snapshot of a module tree and an optimizer, restorable in place."""
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-        self._modules: list[tuple[torch.nn.Module, type, bool, dict[str, dict[Any, Any]]]] = []
+        self._modules: list[tuple[torch.nn.Module, type, dict[str, tuple[Any, Any]]]] = []
         self._params: dict[int, tuple[Any, torch.Tensor, bool, torch.Tensor | None]] = {}
         for m in module.modules():
-            dicts = {k: dict(getattr(m, k)) for k in _MODULE_DICTS if hasattr(m, k)}
-            self._modules.append((m, type(m), m.training, dicts))
+            self._modules.append((m, type(m), _snapshot_dict(m.__dict__)))
             for p in m._parameters.values():
                 if p is not None and id(p) not in self._params:
                     self._params[id(p)] = (p, p.data, p.requires_grad, p.grad)
@@ -38,14 +34,10 @@ class Journal:
 
     def rollback(self) -> None:
         """Put every recorded module, parameter and optimizer entry back."""
-        for m, cls, training, dicts in self._modules:
+        for m, cls, saved in self._modules:
             if type(m) is not cls:
                 m.__class__ = cls
-            m.training = training
-            for key, saved in dicts.items():
-                live = getattr(m, key)
-                live.clear()
-                live.update(saved)
+            _restore_dict(m.__dict__, saved)
         for p, data, requires_grad, grad in self._params.values():
             p.grad = None
             p.data = data
@@ -54,10 +46,33 @@ class Journal:
         opt = self._optimizer
         if opt is not None:
             opt.param_groups[:] = self._group_list
-            for g, saved, params in self._groups:
+            for g, saved_group, params in self._groups:
                 g.clear()
-                g.update(saved)
+                g.update(saved_group)
                 g["params"] = params
             opt.state.clear()
             for p, s in self._state.items():
                 opt.state[p] = s
+
+
+def _snapshot_dict(d: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Each attribute with, for dicts and sets (parameters, hooks, …), a copy of its content."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out[key] = (value, dict(value))
+        elif isinstance(value, set):
+            out[key] = (value, set(value))
+        else:
+            out[key] = (value, None)
+    return out
+
+
+def _restore_dict(d: dict[str, Any], saved: dict[str, tuple[Any, Any]]) -> None:
+    for key in [k for k in d if k not in saved]:
+        del d[key]
+    for key, (value, content) in saved.items():
+        if content is not None:  # same object as before, same content
+            value.clear()
+            value.update(content)
+        d[key] = value

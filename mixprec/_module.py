@@ -39,6 +39,10 @@ class WrappedModule(torch.nn.Module):
         self._module = module
         self._mode: PrecisionMode = precision.precision_mode
         self._precision: PrecisionWrapper | None = precision
+        # Nested in another module (peft's PeftModel), torch loads our part of a state
+        # dict through its own recursion, which expects the ``_module.`` prefix that our
+        # state_dict() never writes: route the keys to the inner module.
+        self.register_load_state_dict_pre_hook(_route_keys_to_inner)
         _WRAPPED.add(module)
 
     @property
@@ -63,6 +67,28 @@ class WrappedModule(torch.nn.Module):
         with mode.forward_context():
             output = self.module(*args, **kwargs)
         return mode.convert_output(output)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A module assigned over one of the inner module's children (peft swapping
+        # ``lm_head`` for a LoRA layer) belongs to the inner module.
+        modules = self.__dict__.get("_modules")
+        if (isinstance(value, torch.nn.Module) and modules and "_module" in modules
+                and name in modules["_module"]._modules):
+            setattr(modules["_module"], name, value)
+            return
+        super().__setattr__(name, value)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.module[index]  # type: ignore[index]
+
+    def __len__(self) -> int:
+        return len(self.module)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.module)  # type: ignore[call-overload]
+
+    def __bool__(self) -> bool:
+        return True
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -112,3 +138,11 @@ class WrappedModule(torch.nn.Module):
 
     def __repr__(self) -> str:
         return f"WrappedModule(mode={self._mode.describe()}, module={self.module!r})"
+
+
+def _route_keys_to_inner(
+    module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    inner = prefix + "_module."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)

@@ -190,6 +190,8 @@ class PrecisionWrapper:
             for model_param, master in self.masters.pairs:
                 self._names[id(master)] = self._names.get(id(model_param), "?")
             lines.append(self.masters.describe())
+        with self.precision_mode.optimizer_step_context(optimizer):
+            _match_state_dtypes(optimizer)
         param_names = {p: self._names.get(id(p), "?") for g in optimizer.param_groups
                        for p in g["params"]}
         for om in self.optimizer_modes:
@@ -476,6 +478,24 @@ def _remap_optimizer(
         shown = ", ".join(dropped[:8]) + (" …" if len(dropped) > 8 else "")
         lines.append(f"optimizer: {len(dropped)} frozen or removed parameters left it: {shown}")
     return lines
+
+
+def _match_state_dtypes(optimizer: torch.optim.Optimizer) -> None:
+    """Cast existing optimizer state to the dtype its parameter now steps in.
+
+    A parameter cast in place (``bf16-true``) keeps its optimizer entry, and torch
+    optimizers fail on fp32 state for a bf16 parameter. ``step`` counters stay as
+    they are (bf16 cannot count past 256).
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            for key, value in state.items():
+                if (key != "step" and torch.is_tensor(value) and value.is_floating_point()
+                        and value.shape == p.shape and value.dtype is not p.dtype):
+                    state[key] = value.to(p.dtype)
 
 
 # -- module-level API -------------------------------------------------------------------

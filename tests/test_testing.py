@@ -26,19 +26,10 @@ class Test32True(ModeConformance):
     mode = "32-true"
 
 
-_STATE_DTYPE_BUG = (
-    "core bug: wrap() keeps existing fp32 Adam state for parameters cast in place to "
-    "fp64/bf16, so the first step fails with 'expected dtype float for `end`'"
-)
-
 
 class Test64True(ModeConformance):
     mode = "64-true"
     output_dtype = torch.float64
-
-    @pytest.mark.xfail(raises=ContractViolation, strict=True, reason=_STATE_DTYPE_BUG)
-    def test_an_optimizer_with_state_can_be_wrapped(self):
-        super().test_an_optimizer_with_state_can_be_wrapped()
 
 
 class Test16Mixed(ModeConformance):
@@ -55,10 +46,6 @@ class Test16True(ModeConformance):
 
 class TestBf16True(ModeConformance):
     mode = "bf16-true"
-
-    @pytest.mark.xfail(raises=ContractViolation, strict=True, reason=_STATE_DTYPE_BUG)
-    def test_an_optimizer_with_state_can_be_wrapped(self):
-        super().test_an_optimizer_with_state_can_be_wrapped()
 
 
 class Test16TrueMasterWeights(ModeConformance):
@@ -150,11 +137,6 @@ class _HooksAndAttributes(mixprec.TruePrecision):
         return lines
 
 
-@pytest.mark.xfail(raises=ContractViolation, strict=True, reason=(
-    "core bug: mixprec/_journal.py restores only _modules/_parameters/_buffers and 5 hook dicts; "
-    "_backward_pre_hooks, *_with_kwargs/_always_called hooks, _state_dict_pre_hooks, "
-    "_load_state_dict_post_hooks, _non_persistent_buffers_set and new plain attributes survive "
-    "a failed wrap (here 'out_scale' drops out of state_dict())"))
 def test_a_failed_wrap_restores_hooks_buffer_persistence_and_attributes():
     class Case(ModeConformance):
         mode = _HooksAndAttributes

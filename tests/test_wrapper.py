@@ -424,3 +424,31 @@ def test_add_param_group_gets_masters(tiny):
     before = tiny.fc1.weight.detach().clone()
     train(model, opt, steps=1)
     assert not torch.equal(before, tiny.fc1.weight)
+
+
+def test_sequential_models_index_and_iterate_through_the_wrapper():
+    seq = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    model = mixprec.wrap(seq, mode="bf16-mixed")
+    assert model[0] is seq[0] and len(model) == 3 and list(model) == list(seq)
+    assert bool(mixprec.wrap(torch.nn.Sequential(), mode="32-true"))
+
+
+def test_a_module_assigned_over_an_inner_child_replaces_it_inside(tiny):
+    model = mixprec.wrap(tiny, mode="bf16-mixed")
+    new_head = torch.nn.Linear(16, 32, bias=False)
+    model.head = new_head  # what peft does when it swaps a top-level layer for a LoRA one
+    assert tiny.head is new_head and "head" not in model._modules
+    assert "head.weight" in dict(model.named_parameters())
+    model.note = "kept on the wrapper"
+    assert model.__dict__["note"] == "kept on the wrapper"
+
+
+def test_a_wrapped_module_nested_in_another_round_trips_its_state_dict(tiny):
+    outer = torch.nn.ModuleDict({"base": mixprec.wrap(tiny, mode="bf16-mixed")})
+    state = outer.state_dict()
+    assert "base.fc1.weight" in state and not any("_module" in k for k in state)
+    torch.manual_seed(1)
+    other = torch.nn.ModuleDict({"base": mixprec.wrap(TinyNet(), mode="bf16-mixed")})
+    result = other.load_state_dict(state)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert torch.equal(other["base"].fc1.weight, tiny.fc1.weight)
