@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from ._wrapper import PrecisionWrapper
 
 __all__ = ["DistributedSync", "FSDPPlan", "fully_shard", "get_state_dict", "local_tensor",
-           "set_state_dict"]
+           "local_tensors", "set_state_dict"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,18 +77,19 @@ class FSDPPlan:
 
 
 def _ddp_class() -> type | None:
-    module = sys.modules.get("torch.nn.parallel.distributed")
-    return None if module is None else module.DistributedDataParallel
+    module = sys.modules.get("torch.nn.parallel")
+    return getattr(module, "DistributedDataParallel", None)
 
 
 def _fsdp_module_class() -> type | None:
-    module = sys.modules.get("torch.distributed.fsdp._fully_shard._fully_shard")
-    return None if module is None else module.FSDPModule
+    # A model can only be an FSDPModule if torch.distributed.fsdp was imported.
+    module = sys.modules.get("torch.distributed.fsdp")
+    return getattr(module, "FSDPModule", None)
 
 
 def _dtensor_class() -> type | None:
     module = sys.modules.get("torch.distributed.tensor")
-    return None if module is None else module.DTensor
+    return getattr(module, "DTensor", None)
 
 
 def is_fully_sharded(model: torch.nn.Module) -> bool:
@@ -103,6 +104,14 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     if cls is not None and isinstance(tensor, cls):
         return tensor.to_local()
     return tensor
+
+
+def local_tensors(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`local_tensor` of each (one lookup of the DTensor class for all)."""
+    cls = _dtensor_class()
+    if cls is None:
+        return list(tensors)
+    return [t.to_local() if isinstance(t, cls) else t for t in tensors]
 
 
 #: FSDP2 roots sharded by :func:`fully_shard`: the mode object that converted them,

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ._distributed import local_tensor
+from ._distributed import local_tensors
 from .exceptions import CheckpointError, ModeOptionError
 
 __all__ = ["LossScaler", "non_finite_found", "unscale_and_check"]
@@ -118,8 +118,7 @@ class LossScaler:
 
 def _grouped(grads: Sequence[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for g in grads:
-        g = local_tensor(g)  # FSDP2: check and unscale this rank's shard in place
+    for g in local_tensors(grads):  # FSDP2: check and unscale this rank's shards in place
         groups.setdefault((g.device, g.dtype), []).append(g)
     return groups
 
