@@ -238,8 +238,9 @@ class WrapChecks(ConformanceBase):
                 "Raise predictable errors from validate() before anything changes. In "
                 "convert_module() change the model only in ways mixprec's rollback restores: "
                 "assign new tensors (p.data = p.data.to(dtype)) or new submodules/parameters "
-                "instead of writing into existing tensors in place; keep layer state in "
-                "registered buffers or submodules, not new plain attributes.")
+                "instead of writing into existing tensors in place, and keep state the model "
+                "refers to inside the model (module attributes, buffers), not in objects "
+                "shared with anything else.")
         if mixprec.is_wrapped(model):
             raise self._violation(
                 "atomic wrap", "after the failed wrap() the model still counts as wrapped.",

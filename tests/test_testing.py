@@ -26,7 +26,6 @@ class Test32True(ModeConformance):
     mode = "32-true"
 
 
-
 class Test64True(ModeConformance):
     mode = "64-true"
     output_dtype = torch.float64
