@@ -13,10 +13,10 @@ What this mode does:
 
 - parameters and floating-point buffers are cast to bf16; the forward runs in
   bf16 (inputs cast, outputs returned in fp32 unless ``keep_output_dtype``);
-- around each optimizer step, parameters and gradients are given to the
-  optimizer in fp32 (so its math and state are fp32), and the updated values
-  are stochastically rounded back to bf16 with the mode's own
-  ``torch.Generator`` (seeded by ``seed``; its state is saved in checkpoints, so
+- around each optimizer step, fp32 copies of the parameters and gradients
+  stand in the optimizer (so its math and state are fp32), and the updated
+  values are stochastically rounded back into the bf16 parameters with the
+  mode's own ``torch.Generator`` (seeded by ``seed``; its state is saved in checkpoints, so
   a resumed run is bit-identical).
 """
 
@@ -121,35 +121,44 @@ class Bf16StochasticRounding(mixprec.PrecisionMode):
 
     @contextlib.contextmanager
     def optimizer_step_context(self, optimizer: torch.optim.Optimizer) -> Iterator[None]:
-        """Give the optimizer fp32 parameters and gradients; round back stochastically.
+        """Give the optimizer fp32 copies of the bf16 parameters; round back stochastically.
+
+        The copies (with the parameters' gradients and optimizer state) stand in
+        the optimizer's parameter lists for the block, so its math and state are
+        fp32; afterwards each updated copy is rounded into its parameter in place
+        and the state returns to the parameter. The parameter objects never change
+        dtype (``p.data = p.data.float()`` would drop the gradient accumulator and
+        the hooks on it, which DDP relies on).
 
         The wrapper also enters this context around ``optimizer.load_state_dict``,
-        so loaded optimizer state is cast to fp32. Parameters without a gradient
-        cannot have changed: they are cast back exactly, without drawing random
-        numbers (a checkpoint load must not advance the generator).
+        so loaded state is cast to fp32. Parameters without a gradient are not
+        updated by torch optimizers: they are left as they are, without drawing
+        random numbers (a checkpoint load must not advance the generator).
         """
-        promoted: list[tuple[torch.nn.Parameter, torch.Tensor | None]] = []
+        swapped: list[tuple[list[Any], int, torch.Tensor, torch.Tensor]] = []
         try:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    if p.dtype is not torch.bfloat16:
-                        continue
-                    grad = p.grad
-                    p.grad = None
-                    p.data = p.data.float()
-                    if grad is not None:
-                        p.grad = grad.float()
-                    promoted.append((p, grad))
+            with torch.no_grad():
+                for group in optimizer.param_groups:
+                    params = group["params"]
+                    for i, p in enumerate(params):
+                        if p.dtype is not torch.bfloat16:
+                            continue
+                        copy = p.detach().float().requires_grad_(p.requires_grad)
+                        if p.grad is not None:
+                            copy.grad = p.grad.float()
+                        if p in optimizer.state:
+                            optimizer.state[copy] = optimizer.state.pop(p)
+                        params[i] = copy
+                        swapped.append((params, i, p, copy))
             yield
         finally:
             with torch.no_grad():
-                for p, grad in promoted:
-                    p.grad = None
-                    if grad is None:
-                        p.data = p.data.to(torch.bfloat16)
-                    else:
-                        p.data = stochastic_round_to_bf16(p.data, self._generator(p.device))
-                    p.grad = grad
+                for params, i, p, copy in swapped:
+                    if p.grad is not None:
+                        p.copy_(stochastic_round_to_bf16(copy, self._generator(p.device)))
+                    params[i] = p
+                    if copy in optimizer.state:
+                        optimizer.state[p] = optimizer.state.pop(copy)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
