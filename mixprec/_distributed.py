@@ -443,9 +443,11 @@ def get_state_dict(
     ``full_state_dict=False`` (FSDP2): sharded, for ``torch.distributed.checkpoint``
     (``dcp.save(state, checkpoint_id=path)``); every rank calls it and saves.
     ``full_state_dict=True``: the single-process format of
-    ``PrecisionWrapper.state_dict()`` with full tensors on the CPU, loadable by a
-    single-process ``wrap`` in the same mode; under FSDP2 only rank 0 receives it
-    (other ranks get an empty dict), under DDP every rank does. Every rank must call it.
+    ``PrecisionWrapper.state_dict()``, loadable by a single-process ``wrap`` in the
+    same mode; under FSDP2 gathered to full CPU tensors on rank 0 (other ranks get an
+    empty dict), under DDP the replica's own ``state_dict()`` on every rank. Every
+    rank must call it. Like torch's state dicts, it may share tensors with the live
+    optimizer (``step`` counts): save it before training on.
 
     .. versionadded:: 0.1
     """
