@@ -275,20 +275,57 @@ def _promoted_params(
                     optimizer.state[p] = optimizer.state.pop(copy)
 
 
+def _scaling(
+    init_scale: float | None, growth_factor: float | None, backoff_factor: float | None,
+    growth_interval: int | None, min_scale: float | None, max_scale: float | None,
+    hysteresis: int | None,
+) -> dict[str, Any]:
+    given = {"init_scale": init_scale, "growth_factor": growth_factor,
+             "backoff_factor": backoff_factor, "growth_interval": growth_interval,
+             "min_scale": min_scale, "max_scale": max_scale, "hysteresis": hysteresis}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+# The registered factories spell every option out, so that the registry can name an
+# unknown one and suggest the closest ("master_weight" -> "master_weights").
+
+
 def _true(dtype: str) -> Any:
     def factory(
         *, master_weights: bool = False, optimizer_dtype: str | None = None,
-        keep_output_dtype: bool = False, **scaler_options: Any,
+        keep_output_dtype: bool = False,
     ) -> TruePrecision:
         return TruePrecision(dtype, master_weights=master_weights, optimizer_dtype=optimizer_dtype,
-                             keep_output_dtype=keep_output_dtype, **scaler_options)
+                             keep_output_dtype=keep_output_dtype)
     return factory
 
 
-def _mixed(dtype: str) -> Any:
-    def factory(*, keep_output_dtype: bool = False, **scaler_options: Any) -> MixedPrecision:
-        return MixedPrecision(dtype, keep_output_dtype=keep_output_dtype, **scaler_options)
-    return factory
+def _true16(
+    *, master_weights: bool = False, optimizer_dtype: str | None = None,
+    keep_output_dtype: bool = False, init_scale: float | None = None,
+    growth_factor: float | None = None, backoff_factor: float | None = None,
+    growth_interval: int | None = None, min_scale: float | None = None,
+    max_scale: float | None = None, hysteresis: int | None = None,
+) -> TruePrecision:
+    return TruePrecision("16", master_weights=master_weights, optimizer_dtype=optimizer_dtype,
+                         keep_output_dtype=keep_output_dtype, **_scaling(
+                             init_scale, growth_factor, backoff_factor, growth_interval,
+                             min_scale, max_scale, hysteresis))
+
+
+def _bf16_mixed(*, keep_output_dtype: bool = False) -> MixedPrecision:
+    return MixedPrecision("bf16", keep_output_dtype=keep_output_dtype)
+
+
+def _mixed16(
+    *, keep_output_dtype: bool = False, init_scale: float | None = None,
+    growth_factor: float | None = None, backoff_factor: float | None = None,
+    growth_interval: int | None = None, min_scale: float | None = None,
+    max_scale: float | None = None, hysteresis: int | None = None,
+) -> MixedPrecision:
+    return MixedPrecision("16", keep_output_dtype=keep_output_dtype, **_scaling(
+        init_scale, growth_factor, backoff_factor, growth_interval, min_scale, max_scale,
+        hysteresis))
 
 
 @hookimpl
@@ -296,11 +333,11 @@ def mixprec_modes() -> list[ModeSpec]:
     return [
         ModeSpec("32-true", _true("32"), "fp32 weights and compute (the baseline)"),
         ModeSpec("64-true", _true("64"), "fp64 weights and compute, for numerics checks"),
-        ModeSpec("16-true", _true("16"),
+        ModeSpec("16-true", _true16,
                  "fp16 weights and compute, loss scaling, fp32 optimizer math; "
                  "master_weights=True for fp32 masters"),
         ModeSpec("bf16-true", _true("bf16"),
                  "bf16 weights and compute; master_weights=True for fp32 masters"),
-        ModeSpec("16-mixed", _mixed("16"), "fp32 weights, fp16 autocast, dynamic loss scaling"),
-        ModeSpec("bf16-mixed", _mixed("bf16"), "fp32 weights, bf16 autocast"),
+        ModeSpec("16-mixed", _mixed16, "fp32 weights, fp16 autocast, dynamic loss scaling"),
+        ModeSpec("bf16-mixed", _bf16_mixed, "fp32 weights, bf16 autocast"),
     ]

@@ -139,6 +139,13 @@ class Registry:
                         f"{__version__} has {PLUGIN_API_VERSION}: upgrade mixprec"
                     )
                     continue
+                core = modes.get(spec.name)
+                if core is not None and core.provider == "mixprec":
+                    self._broken[f"{dist}:{spec.name}"] = (
+                        f"mode {spec.name!r} is a core mode of mixprec and cannot be replaced; "
+                        "rename the plugin's mode"
+                    )
+                    continue
                 if spec.name in conflicts:
                     conflicts[spec.name].append(dist)
                 elif spec.name in modes:

@@ -172,3 +172,20 @@ def test_plugins_load_lazily_not_at_import():
             "assert 'mixprec_testplugin.plugin' in sys.modules; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+def test_a_misspelt_core_option_is_named_with_a_suggestion(fresh_registry):
+    with pytest.raises(ModeOptionError, match=r"'bf16-true' does not take option 'master_weight'.*"
+                                              r"Did you mean 'master_weights'"):
+        fresh_registry.build("bf16-true", {"master_weight": True})
+    with pytest.raises(ModeOptionError, match="'bf16-mixed' does not take option 'init_scale'"):
+        fresh_registry.build("bf16-mixed", {"init_scale": 8.0})
+    precision, _ = fresh_registry.build("16-mixed", {"init_scale": 8.0, "hysteresis": 2})
+    assert precision.options() == {"init_scale": 8.0, "hysteresis": 2}
+
+
+def test_a_plugin_cannot_replace_a_core_mode(fresh_registry):
+    fresh_registry.register(_plugin(mixprec.ModeSpec("bf16-true", Noop, "x")), name="hijack",
+                            distribution="mixprec-hijack")
+    assert fresh_registry.entry("bf16-true").provider == "mixprec"
+    assert "is a core mode" in fresh_registry.broken()["mixprec-hijack:bf16-true"]
