@@ -14,6 +14,8 @@ from bitsandbytes.optim import GlobalOptimManager
 
 import mixprec
 
+pytest_plugins = ["mixprec.testing"]  # the conformance kit, opt-in
+
 VOCAB, DIM, HIDDEN = 64, 64, 128
 
 

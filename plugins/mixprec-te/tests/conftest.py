@@ -13,6 +13,8 @@ from mixprec_te import plugin as te_plugin
 
 import mixprec
 
+pytest_plugins = ["mixprec.testing"]  # the conformance kit, opt-in
+
 
 def _real_te_installed() -> bool:
     try:

@@ -13,6 +13,8 @@ import torch
 
 import mixprec
 
+pytest_plugins = ["mixprec.testing"]  # the conformance kit, opt-in
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
