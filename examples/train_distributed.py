@@ -132,6 +132,7 @@ def main() -> None:
         print(f"{args.steps} steps in {time.perf_counter() - began:.1f} s", flush=True)
     if args.save is not None:
         _save(args.save, args.engine, net, opt, rank)
+    dist.barrier()  # no rank tears the group down while another still talks to it
     dist.destroy_process_group()
 
 
