@@ -80,6 +80,7 @@ def _rank(rank: int, world: int, root: str, engine: str, mode: str, size: BenchS
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, losses)
         losses = [statistics.fmean(step) for step in zip(*gathered)]
+        dist.barrier()  # nobody tears the group down while another rank still talks
         dist.destroy_process_group()
     if rank == 0:
         torch.save({"times": times, "losses": losses}, Path(root) / "result.pt")
