@@ -281,15 +281,14 @@ class _ShardedMode(PrecisionMode):
 
 
 def _plan_of(mode: PrecisionMode) -> FSDPPlan:
-    method = getattr(mode, "fsdp_plan", None)
-    if method is None:
+    plan = mode.fsdp_plan()
+    if plan is None:
         provider = type(mode).__module__.split(".")[0].replace("_", "-")
         raise WrapError(
             f"Mode {mode.name!r} (from {provider}) cannot run on a fully_shard-ed (FSDP2) "
             "model: it declares no FSDP plan. Train it with DistributedDataParallel, or "
             "shard with a mode that supports FSDP2 (see the support matrix in the README)."
         )
-    plan = method()
     if not isinstance(plan, FSDPPlan):
         raise WrapError(f"Mode {mode.name!r}'s fsdp_plan() returned {type(plan).__name__}, "
                         "not a mixprec.distributed.FSDPPlan; fix the mode's plugin.")

@@ -99,6 +99,12 @@ class PrecisionMode:
         """Turn the wrapped module back into a plain one for export."""
         return module
 
+    def fsdp_plan(self) -> Any:
+        """How this mode runs on a model sharded with FSDP2, as a
+        :class:`mixprec.distributed.FSDPPlan`; None (the default) refuses FSDP2
+        with a clear error. See :func:`mixprec.distributed.fully_shard`."""
+        return None
+
     # -- forward ---------------------------------------------------------------
 
     def forward_context(self) -> contextlib.AbstractContextManager[None]:
@@ -151,6 +157,8 @@ class OptimizerMode:
     """Base class of optimizer modes: replace the optimizer (8-bit Adam, …)."""
 
     name: str = ""
+    #: True if the replacement optimizer can step FSDP2's DTensor shards.
+    fsdp_compatible: bool = False
 
     def options(self) -> dict[str, Any]:
         """The options this mode was built with, as plain values."""

@@ -302,6 +302,14 @@ class Float8Training(mixprec.PrecisionMode):
 
     # -- forward ---------------------------------------------------------------------
 
+    def fsdp_plan(self) -> Any:
+        """FSDP2: convert the Linear layers before sharding, all-gather in fp32 and keep
+        this mode's autocast around the sharded forward (torchao's FP8 all-gather is not
+        used: it would put a tensor subclass into the state dict)."""
+        from mixprec.distributed import FSDPPlan
+
+        return FSDPPlan(convert_module=True, forward_context=True)
+
     def forward_context(self) -> contextlib.AbstractContextManager[None]:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
