@@ -74,11 +74,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
         foreach: bool | None = None,
     ) -> torch.Tensor:
         """Clip the true (unscaled) gradients' norm; returns the norm before clipping."""
-        self.precision.unscale_()
-        return torch.nn.utils.clip_grad_norm_(
-            self.precision.step_parameters(), max_norm, norm_type,
-            error_if_nonfinite=error_if_nonfinite, foreach=foreach,
-        )
+        return self.precision.clip_grad_norm_(max_norm, norm_type, error_if_nonfinite, foreach)
 
     def clip_grad_value_(self, clip_value: float, foreach: bool | None = None) -> None:
         """Clip the true (unscaled) gradients' values."""

@@ -230,8 +230,11 @@ class PrecisionWrapper:
         if self.masters is not None and not self._dist.holds_grads_on_model():
             self.masters.accumulate_grads()
 
-    def unscale_(self) -> None:
-        """Unscale the gradients and check them for inf/NaN, once per step."""
+    def unscale_(self, check: bool = True) -> None:
+        """Unscale the gradients and check them for inf/NaN, once per step.
+
+        :param check: False when the caller checks the gradients itself (a norm).
+        """
         if self._unscaled:
             return
         if self.scaler is not None and self._backward_calls == 0 and self._any_grad():
@@ -245,7 +248,7 @@ class PrecisionWrapper:
         grads = [p.grad for p in self.step_parameters() if p.grad is not None]
         if self.scaler is not None:
             self._found_inf = unscale_and_check(grads, self.scaler.scale)
-        elif self.skip_nonfinite:
+        elif self.skip_nonfinite and check:
             self._found_inf = non_finite_found(grads)
         else:
             self._found_inf = False
@@ -253,6 +256,28 @@ class PrecisionWrapper:
         # differ between ranks (FSDP2 shards, DDP no_sync steps).
         self._found_inf = self._dist.agree(self._found_inf, grads[0].device if grads else None)
         self._unscaled = True
+
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+        foreach: bool | None = None,
+    ) -> torch.Tensor:
+        """Clip the true (unscaled) gradients' norm; returns the norm before clipping.
+
+        Where nothing is scaled, the norm doubles as the inf/NaN check: it is finite
+        exactly when every gradient is (barring gradients near the dtype's maximum,
+        whose step is worth skipping too), so the gradients are read once, as in a
+        plain torch loop.
+        """
+        reuse = (self.scaler is None and self.skip_nonfinite and not self._unscaled
+                 and self._dist.engine is None)
+        self.unscale_(check=not reuse)
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.step_parameters(), max_norm, norm_type,
+            error_if_nonfinite=error_if_nonfinite, foreach=foreach,
+        )
+        if reuse:
+            self._found_inf = not bool(torch.isfinite(norm).item())
+        return norm
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Unscale, skip the step on inf/NaN gradients, step, update the scale."""

@@ -452,3 +452,21 @@ def test_a_wrapped_module_nested_in_another_round_trips_its_state_dict(tiny):
     result = other.load_state_dict(state)
     assert result.missing_keys == [] and result.unexpected_keys == []
     assert torch.equal(other["base"].fc1.weight, tiny.fc1.weight)
+
+
+@pytest.mark.parametrize("mode", ["32-true", "bf16-mixed", "bf16-true"])
+def test_a_clipped_step_with_non_finite_gradients_is_skipped_where_nothing_is_scaled(tiny, mode):
+    model, opt = mixprec.wrap(tiny, torch.optim.Adam(tiny.parameters(), lr=1e-2), mode)
+    train(model, opt, steps=1)
+    weights = [p.detach().clone() for p in model.parameters()]
+    opt.backward(loss_of(model, *make_batch()) * float("nan"))
+    norm = opt.clip_grad_norm_(1.0)
+    assert not torch.isfinite(norm)
+    opt.step()
+    opt.zero_grad()
+    assert opt.precision.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    opt.backward(loss_of(model, *make_batch()))
+    assert torch.isfinite(opt.clip_grad_norm_(1.0))
+    opt.step()
+    assert opt.precision.skipped_steps == 1 and opt.precision.skip_streak == 0
