@@ -6,7 +6,7 @@
 
 from . import exceptions, hookspecs
 from ._apply import apply_to_float_tensors
-from ._mode import ModeSpec, OptimizerMode, PrecisionMode
+from ._mode import ModeSpec, OptimizerMode, PrecisionMode, build_context
 from ._modes import MixedPrecision, TruePrecision
 from ._module import WrappedModule, is_wrapped
 from ._optimizer import WrappedOptimizer
@@ -34,6 +34,7 @@ __all__ = [
     "WrappedOptimizer",
     "__version__",
     "apply_to_float_tensors",
+    "build_context",
     "exceptions",
     "hookimpl",
     "hookspecs",

@@ -17,7 +17,7 @@ import torch
 if TYPE_CHECKING:
     from ._scaler import LossScaler
 
-__all__ = ["ModeSpec", "OptimizerMode", "PrecisionMode"]
+__all__ = ["ModeSpec", "OptimizerMode", "PrecisionMode", "build_context"]
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class PrecisionMode:
 
     def init_context(self, device: torch.device | str | None = None) -> contextlib.AbstractContextManager[None]:
         """A context in which a model is built directly in this mode's dtype and device."""
-        return _device_context(device)
+        return build_context(None, device)
 
     def unwrap_module(self, module: torch.nn.Module) -> torch.nn.Module:
         """Turn the wrapped module back into a plain one for export."""
@@ -191,12 +191,22 @@ class OptimizerMode:
 
 
 @contextlib.contextmanager
-def _device_context(device: torch.device | str | None) -> Iterator[None]:
-    if device is None:
-        yield
-        return
-    with torch.device(device):
-        yield
+def build_context(
+    dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> Iterator[None]:
+    """Build tensors in ``dtype`` (torch's default dtype) and on ``device`` inside the
+    block; the previous default dtype is restored when it ends, also on errors.
+
+    The building block of :meth:`PrecisionMode.init_context` for plugin modes.
+
+    .. versionadded:: 0.1
+    """
+    with default_dtype(dtype):
+        if device is None:
+            yield
+        else:
+            with torch.device(device):
+                yield
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import torch
 
 from ._apply import apply_to_float_tensors
 from ._distributed import FSDPPlan
-from ._mode import ModeSpec, PrecisionMode, _device_context, default_dtype
+from ._mode import ModeSpec, PrecisionMode, build_context, default_dtype
 from ._scaler import LossScaler
 from .exceptions import ModeOptionError, UnsupportedDeviceError
 from .hookspecs import hookimpl
@@ -138,7 +138,7 @@ class TruePrecision(_ScalingOptions, PrecisionMode):
         return [f"cast {n_params} parameters and {n_buffers} buffers to {self.dtype}"]
 
     def init_context(self, device: torch.device | str | None = None) -> contextlib.AbstractContextManager[None]:
-        return _stacked(default_dtype(self.dtype), _device_context(device))
+        return build_context(self.dtype, device)
 
     def forward_context(self) -> contextlib.AbstractContextManager[None]:
         return default_dtype(self.dtype)
@@ -226,14 +226,6 @@ class MixedPrecision(_ScalingOptions, PrecisionMode):
         if self.keep_output_dtype:
             return data
         return apply_to_float_tensors(data, lambda t: t.to(torch.float32))
-
-
-@contextlib.contextmanager
-def _stacked(*contexts: contextlib.AbstractContextManager[None]) -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        for c in contexts:
-            stack.enter_context(c)
-        yield
 
 
 @contextlib.contextmanager

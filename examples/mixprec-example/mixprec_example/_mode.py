@@ -102,12 +102,12 @@ class Bf16StochasticRounding(mixprec.PrecisionMode):
     def init_context(
         self, device: torch.device | str | None = None
     ) -> contextlib.AbstractContextManager[None]:
-        return _building(torch.bfloat16, device)
+        return mixprec.build_context(torch.bfloat16, device)
 
     # -- forward -------------------------------------------------------------------------
 
     def forward_context(self) -> contextlib.AbstractContextManager[None]:
-        return _building(torch.bfloat16, None)
+        return mixprec.build_context(torch.bfloat16)
 
     def convert_input(self, data: Any) -> Any:
         return mixprec.apply_to_float_tensors(data, lambda t: t.to(torch.bfloat16))
@@ -184,18 +184,3 @@ class Bf16StochasticRounding(mixprec.PrecisionMode):
             )
         for key, value in generators.items():
             self._generator(torch.device(key)).set_state(value.cpu())
-
-
-@contextlib.contextmanager
-def _building(dtype: torch.dtype, device: torch.device | str | None) -> Iterator[None]:
-    """Default dtype (and device) for the block, restored also on errors."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        if device is None:
-            yield
-        else:
-            with torch.device(device):
-                yield
-    finally:
-        torch.set_default_dtype(previous)

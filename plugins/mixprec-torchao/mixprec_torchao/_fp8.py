@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -281,7 +281,7 @@ class Float8Training(mixprec.PrecisionMode):
     def init_context(
         self, device: torch.device | str | None = None
     ) -> contextlib.AbstractContextManager[None]:
-        return _build_context(self._param_dtype, device)
+        return mixprec.build_context(self._param_dtype, device)
 
     def unwrap_module(self, module: torch.nn.Module) -> torch.nn.Module:
         """Put plain ``nn.Linear`` layers (same parameter objects) back for export."""
@@ -395,17 +395,3 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     for t in (*module.parameters(), *module.buffers()):
         return t.device
     return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _build_context(dtype: torch.dtype, device: torch.device | str | None) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        if device is None:
-            yield
-        else:
-            with torch.device(device):
-                yield
-    finally:
-        torch.set_default_dtype(previous)
