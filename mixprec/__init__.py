@@ -6,7 +6,7 @@
 
 from . import exceptions, hookspecs
 from ._apply import apply_to_float_tensors
-from ._mode import ModeSpec, OptimizerMode, PrecisionMode, build_context
+from ._mode import ModeSpec, OptimizerMode, PrecisionMode, build_context, step_in_dtype
 from ._modes import MixedPrecision, TruePrecision
 from ._module import WrappedModule, is_wrapped
 from ._optimizer import WrappedOptimizer
@@ -41,6 +41,7 @@ __all__ = [
     "init_module",
     "is_wrapped",
     "registry",
+    "step_in_dtype",
     "unwrap",
     "use_registry",
     "wrap",

@@ -17,7 +17,7 @@ import torch
 if TYPE_CHECKING:
     from ._scaler import LossScaler
 
-__all__ = ["ModeSpec", "OptimizerMode", "PrecisionMode", "build_context"]
+__all__ = ["ModeSpec", "OptimizerMode", "PrecisionMode", "build_context", "step_in_dtype"]
 
 
 @dataclass(frozen=True)
@@ -226,3 +226,54 @@ def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
 def iter_devices(module: torch.nn.Module) -> set[torch.device]:
     """The devices of a module's parameters and buffers."""
     return {t.device for t in (*module.parameters(), *module.buffers())}
+
+
+@contextlib.contextmanager
+def step_in_dtype(
+    optimizer: torch.optim.Optimizer, low: torch.dtype, high: torch.dtype,
+    write_back: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+) -> Iterator[None]:
+    """Give the optimizer ``high`` copies of its ``low`` parameters (and grads) for the block.
+
+    The optimizer's lists hold the copies (with the parameters' state) in the
+    block; after it the values are rounded back into the parameters in place and
+    the state returns to the parameter objects, so optimizer state created or
+    loaded in the block stays in ``high``. Not ``p.data = p.data.to(high)``: a
+    dtype change through ``.data`` drops the parameter's gradient accumulator and
+    the hooks on it — DDP's gradient all-reduce stopped after the first step — and
+    a DTensor (FSDP2) parameter's local shard does not follow ``.data``.
+
+    For :meth:`PrecisionMode.optimizer_step_context` of modes that store weights in
+    ``low`` but step in ``high`` (the core's ``16-true``, stochastic rounding).
+
+    :param write_back: ``write_back(param, updated_copy)`` puts the result into the
+        parameter (under ``no_grad``); default ``param.copy_(updated_copy)``.
+
+    .. versionadded:: 0.1
+    """
+    swapped: list[tuple[list[Any], int, torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                params = group["params"]
+                for i, p in enumerate(params):
+                    if p.dtype is not low:
+                        continue
+                    copy = p.detach().to(high).requires_grad_(p.requires_grad)
+                    if p.grad is not None:
+                        copy.grad = p.grad.to(high)
+                    if p in optimizer.state:
+                        optimizer.state[copy] = optimizer.state.pop(p)
+                    params[i] = copy
+                    swapped.append((params, i, p, copy))
+        yield
+    finally:
+        with torch.no_grad():
+            for params, i, p, copy in swapped:
+                if write_back is None:
+                    p.copy_(copy)
+                else:
+                    write_back(p, copy)
+                params[i] = p
+                if copy in optimizer.state:
+                    optimizer.state[p] = optimizer.state.pop(copy)

@@ -7,14 +7,13 @@ This module is also the core's plugin: it registers its modes through the same
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from ._apply import apply_to_float_tensors
 from ._distributed import FSDPPlan
-from ._mode import ModeSpec, PrecisionMode, build_context, default_dtype
+from ._mode import ModeSpec, PrecisionMode, build_context, default_dtype, step_in_dtype
 from ._scaler import LossScaler
 from .exceptions import ModeOptionError, UnsupportedDeviceError
 from .hookspecs import hookimpl
@@ -156,7 +155,7 @@ class TruePrecision(_ScalingOptions, PrecisionMode):
     ) -> contextlib.AbstractContextManager[None]:
         if self.master_weights or self.optimizer_dtype is self.dtype:
             return contextlib.nullcontext()
-        return _promoted_params(optimizer, self.dtype, self.optimizer_dtype)
+        return step_in_dtype(optimizer, self.dtype, self.optimizer_dtype)
 
     def fsdp_plan(self) -> FSDPPlan:
         """FSDP2 (mixprec.distributed.fully_shard): parameters stored and reduced in
@@ -226,45 +225,6 @@ class MixedPrecision(_ScalingOptions, PrecisionMode):
         if self.keep_output_dtype:
             return data
         return apply_to_float_tensors(data, lambda t: t.to(torch.float32))
-
-
-@contextlib.contextmanager
-def _promoted_params(
-    optimizer: torch.optim.Optimizer, low: torch.dtype, high: torch.dtype
-) -> Iterator[None]:
-    """Give the optimizer ``high`` copies of its ``low`` parameters (and grads) for the block.
-
-    The optimizer's lists hold the copies (with the parameters' state) in the
-    block; after it the values are rounded back into the parameters in place and
-    the state returns to the parameter objects, so optimizer state created or
-    loaded in the block stays in ``high``. Not ``p.data = p.data.to(high)``: a
-    dtype change through ``.data`` drops the parameter's gradient accumulator and
-    the hooks on it — DDP's gradient all-reduce stopped after the first step — and
-    a DTensor (FSDP2) parameter's local shard does not follow ``.data``.
-    """
-    swapped: list[tuple[list[Any], int, torch.Tensor, torch.Tensor]] = []
-    try:
-        with torch.no_grad():
-            for group in optimizer.param_groups:
-                params = group["params"]
-                for i, p in enumerate(params):
-                    if p.dtype is not low:
-                        continue
-                    copy = p.detach().to(high).requires_grad_(p.requires_grad)
-                    if p.grad is not None:
-                        copy.grad = p.grad.to(high)
-                    if p in optimizer.state:
-                        optimizer.state[copy] = optimizer.state.pop(p)
-                    params[i] = copy
-                    swapped.append((params, i, p, copy))
-        yield
-    finally:
-        with torch.no_grad():
-            for params, i, p, copy in swapped:
-                p.copy_(copy)
-                params[i] = p
-                if copy in optimizer.state:
-                    optimizer.state[p] = optimizer.state.pop(copy)
 
 
 def _scaling(

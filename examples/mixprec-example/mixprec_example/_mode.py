@@ -135,30 +135,12 @@ class Bf16StochasticRounding(mixprec.PrecisionMode):
         updated by torch optimizers: they are left as they are, without drawing
         random numbers (a checkpoint load must not advance the generator).
         """
-        swapped: list[tuple[list[Any], int, torch.Tensor, torch.Tensor]] = []
-        try:
-            with torch.no_grad():
-                for group in optimizer.param_groups:
-                    params = group["params"]
-                    for i, p in enumerate(params):
-                        if p.dtype is not torch.bfloat16:
-                            continue
-                        copy = p.detach().float().requires_grad_(p.requires_grad)
-                        if p.grad is not None:
-                            copy.grad = p.grad.float()
-                        if p in optimizer.state:
-                            optimizer.state[copy] = optimizer.state.pop(p)
-                        params[i] = copy
-                        swapped.append((params, i, p, copy))
+        def round_back(param: torch.Tensor, updated: torch.Tensor) -> None:
+            if param.grad is not None:
+                param.copy_(stochastic_round_to_bf16(updated, self._generator(param.device)))
+
+        with mixprec.step_in_dtype(optimizer, torch.bfloat16, torch.float32, round_back):
             yield
-        finally:
-            with torch.no_grad():
-                for params, i, p, copy in swapped:
-                    if p.grad is not None:
-                        p.copy_(stochastic_round_to_bf16(copy, self._generator(p.device)))
-                    params[i] = p
-                    if copy in optimizer.state:
-                        optimizer.state[p] = optimizer.state.pop(copy)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
