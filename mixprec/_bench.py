@@ -11,7 +11,11 @@ could not run here (the others still report), 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
+import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -86,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     config = BenchConfig(size=size, steps=args.steps, seed=args.seed, device=device,
                          warmup=BenchConfig.warmup_for(args.steps),
                          pretrain_steps=max(1, args.steps // 2))
-    with progress_bars(args.quiet) as progress:
+    with _quiet_libraries(), progress_bars(args.quiet) as progress:
         result = run_bench(choices, config, progress, left_out)
     print_report(result)
     if args.json_path:
@@ -99,3 +103,24 @@ def run(args: argparse.Namespace) -> int:
               f"{names}; see the FAILED lines above for why.", file=sys.stderr)
         return 1
     return 0
+
+
+#: Import-time notices of the plugins' libraries that say nothing about the run
+#: (bitsandbytes offering to fetch CPU kernels from a hub, torchao's CUDA-only
+#: extensions, torch.compile deprecations inside torchao), hidden from the table.
+_NOISY_LOGGERS = ("bitsandbytes", "torchao", "torch.utils._pytree")
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not implement _stable_hash_for_caching")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
