@@ -223,11 +223,6 @@ def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def iter_devices(module: torch.nn.Module) -> set[torch.device]:
-    """The devices of a module's parameters and buffers."""
-    return {t.device for t in (*module.parameters(), *module.buffers())}
-
-
 @contextlib.contextmanager
 def step_in_dtype(
     optimizer: torch.optim.Optimizer, low: torch.dtype, high: torch.dtype,
