@@ -5,13 +5,13 @@
 """
 
 from . import exceptions, hookspecs
-from ._apply import apply_to_float_tensors
-from ._mode import ModeSpec, OptimizerMode, PrecisionMode, build_context, step_in_dtype
-from ._modes import MixedPrecision, TruePrecision
+from ._builtin_modes import MixedPrecision, TruePrecision
+from ._interface import ModeSpec, OptimizerMode, PrecisionMode, build_context, step_in_dtype
 from ._module import WrappedModule, is_wrapped
 from ._optimizer import WrappedOptimizer
 from ._registry import ModeEntry, Registry, registry, use_registry
 from ._scaler import LossScaler
+from ._tensors import apply_to_float_tensors
 from ._version import PLUGIN_API_VERSION, __version__
 from ._wrapper import PrecisionWrapper, init_module, unwrap, wrap
 from .exceptions import MixprecError, MixprecWarning

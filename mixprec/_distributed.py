@@ -21,97 +21,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._mode import OptimizerMode, PrecisionMode
+from ._interface import FSDPPlan, OptimizerMode, PrecisionMode
+from ._tensors import ddp_class, device_of, is_fully_sharded
 from .exceptions import CheckpointError, ModeOptionError, WrapError
 
 if TYPE_CHECKING:
     from ._wrapper import PrecisionWrapper
 
-__all__ = ["DistributedSync", "FSDPPlan", "fully_shard", "get_state_dict", "local_tensor",
-           "local_tensors", "set_state_dict"]
-
-
-@dataclasses.dataclass(frozen=True)
-class FSDPPlan:
-    """How a precision mode runs on a model sharded with FSDP2 (``fully_shard``).
-
-    A mode supports FSDP2 by a method ``fsdp_plan(self) -> FSDPPlan`` (it may raise
-    :class:`~mixprec.exceptions.ModeOptionError` for option combinations it cannot
-    shard). :func:`fully_shard` applies it before sharding; ``wrap`` follows it after.
-
-    :param param_dtype: ``MixedPrecisionPolicy.param_dtype``: the dtype FSDP
-        all-gathers the parameters in and the forward computes with (None: as stored).
-    :param reduce_dtype: ``MixedPrecisionPolicy.reduce_dtype``: the dtype gradients
-        are reduce-scattered in (None: ``param_dtype``).
-    :param storage_dtype: floating-point parameters are cast to this after
-        ``convert_module`` and before sharding: the dtype of the sharded parameters
-        the optimizer steps (None: as ``convert_module`` left them).
-    :param convert_module: run the mode's ``convert_module`` on the unsharded model.
-    :param forward_context: keep the mode's ``forward_context`` (autocast, …) around
-        the sharded forward; False where ``param_dtype`` already does its job.
-
-    .. versionadded:: 0.1
-    """
-
-    param_dtype: torch.dtype | None = None
-    reduce_dtype: torch.dtype | None = None
-    storage_dtype: torch.dtype | None = None
-    convert_module: bool = True
-    forward_context: bool = True
-
-    def describe(self) -> str:
-        def name(d: torch.dtype | None) -> str:
-            return "as stored" if d is None else str(d).removeprefix("torch.")
-        return (f"FSDP2 MixedPrecisionPolicy(param_dtype={name(self.param_dtype)}, "
-                f"reduce_dtype={name(self.reduce_dtype)})")
-
-
-# -- detection (cheap: nothing distributed is imported unless it is in use) ---------------
-
-
-def _ddp_class() -> type | None:
-    module = sys.modules.get("torch.nn.parallel")
-    return getattr(module, "DistributedDataParallel", None)
-
-
-def _fsdp_module_class() -> type | None:
-    # A model can only be an FSDPModule if torch.distributed.fsdp was imported.
-    module = sys.modules.get("torch.distributed.fsdp")
-    return getattr(module, "FSDPModule", None)
-
-
-def _dtensor_class() -> type | None:
-    module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None)
-
-
-def is_fully_sharded(model: torch.nn.Module) -> bool:
-    """True if ``model`` or a module inside it was sharded with FSDP2."""
-    cls = _fsdp_module_class()
-    return cls is not None and any(isinstance(m, cls) for m in model.modules())
-
-
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (same storage: in-place changes reach it), else ``tensor``."""
-    cls = _dtensor_class()
-    if cls is not None and isinstance(tensor, cls):
-        return tensor.to_local()
-    return tensor
-
-
-def local_tensors(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """:func:`local_tensor` of each (one lookup of the DTensor class for all)."""
-    cls = _dtensor_class()
-    if cls is None:
-        return list(tensors)
-    return [t.to_local() if isinstance(t, cls) else t for t in tensors]
+__all__ = ["DistributedSync", "fully_shard", "get_state_dict", "set_state_dict"]
 
 
 #: FSDP2 roots sharded by :func:`fully_shard`: the mode object that converted them,
@@ -148,7 +71,7 @@ class DistributedSync:
         """
         if isinstance(mode, _ShardedMode):  # a retry of a failed wrap
             mode = mode.mode
-        ddp = _ddp_class()
+        ddp = ddp_class()
         if ddp is not None and isinstance(model, ddp):
             raise WrapError(
                 "wrap() got a DistributedDataParallel model; wrap the plain model first and "
@@ -183,7 +106,7 @@ class DistributedSync:
 
     def note_forward(self) -> None:
         """Called at each forward of the wrapped module: is it inside a DDP forward?"""
-        ddp = _ddp_class()
+        ddp = ddp_class()
         active = None if ddp is None else ddp._get_active_ddp_module()
         if active is None:
             return
@@ -346,7 +269,6 @@ def fully_shard(
     from ._journal import Journal
     from ._module import is_wrapped
     from ._registry import registry
-    from ._wrapper import _device_of
 
     if not isinstance(model, torch.nn.Module):
         raise WrapError(f"fully_shard() needs a torch.nn.Module, got {type(model).__name__}.")
@@ -375,7 +297,7 @@ def fully_shard(
     if autocast:
         plan = dataclasses.replace(plan, forward_context=True)
     _check_optimizer_modes(optimizer_modes)
-    precision.validate(model, _device_of(model))
+    precision.validate(model, device_of(model))
 
     journal = Journal(model, None)
     try:
@@ -415,7 +337,7 @@ def _parts(model: torch.nn.Module) -> tuple[PrecisionWrapper, torch.nn.Module]:
     from ._module import WrappedModule
 
     inner = model
-    ddp = _ddp_class()
+    ddp = ddp_class()
     if ddp is not None and isinstance(inner, ddp):
         inner = inner.module
     if not isinstance(inner, WrappedModule):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from ._mode import PrecisionMode
+    from ._interface import PrecisionMode
     from ._wrapper import PrecisionWrapper
 
 __all__ = ["WrappedModule", "is_wrapped"]

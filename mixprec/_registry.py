@@ -16,7 +16,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from ._mode import ModeSpec, OptimizerMode, PrecisionMode
+from ._interface import TAGS, ModeSpec, OptimizerMode, PrecisionMode
 from ._version import PLUGIN_API_VERSION, __version__
 from .exceptions import (
     DuplicateModeError,
@@ -91,7 +91,7 @@ class Registry:
         if self._loaded:
             return
         self._loaded = True
-        from . import _modes
+        from . import _builtin_modes as _modes
 
         self._pm.register(_modes, name="mixprec")
         self._dists["mixprec"] = ("mixprec", __version__)
@@ -282,6 +282,9 @@ def _check_spec(spec: object) -> None:
         raise ValueError(f"invalid mode name {spec.name!r}")
     if spec.kind not in ("precision", "optimizer"):
         raise ValueError(f"mode {spec.name!r} has unknown kind {spec.kind!r}")
+    unknown = sorted(str(t) for t in spec.tags if t not in TAGS)
+    if unknown:
+        raise ValueError(f"mode {spec.name!r} has unknown tags {unknown}; known: {sorted(TAGS)}")
 
 
 def _check_options(entry: ModeEntry, options: dict[str, Any]) -> None:

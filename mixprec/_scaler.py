@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ._distributed import local_tensors
+from ._tensors import local_tensors
 from .exceptions import CheckpointError, ModeOptionError
 
 __all__ = ["LossScaler", "non_finite_found", "unscale_and_check"]

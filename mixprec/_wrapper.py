@@ -10,14 +10,15 @@ from typing import Any, overload
 
 import torch
 
-from ._distributed import DistributedSync, local_tensor
+from ._distributed import DistributedSync
+from ._interface import OptimizerMode, PrecisionMode
 from ._journal import Journal
 from ._master import MasterWeights
-from ._mode import OptimizerMode, PrecisionMode
 from ._module import _WRAPPED, WrappedModule, is_wrapped
 from ._optimizer import WrappedOptimizer
 from ._registry import registry
 from ._scaler import non_finite_found, unscale_and_check
+from ._tensors import device_of, local_tensor
 from .exceptions import (
     AlreadyWrappedError,
     BackwardError,
@@ -120,7 +121,7 @@ class PrecisionWrapper:
         # torch.distributed: refuses wrap(DDP(model)); a model sharded by
         # mixprec.distributed.fully_shard runs through its mode's FSDP plan.
         self.precision_mode = self._dist.attach(model, self.precision_mode, self.optimizer_modes)
-        device = _device_of(model)
+        device = device_of(model)
         self.precision_mode.validate(model, device)
         for om in self.optimizer_modes:
             if optimizer is None:
@@ -445,16 +446,6 @@ class PrecisionWrapper:
             self.optimizer.load_state_dict(state["optimizer"])
         elif "mixprec" in state:
             self._load_precision_state(state["mixprec"])
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    devices = {t.device for t in (*model.parameters(), *model.buffers())}
-    if len(devices) > 1:
-        raise WrapError(
-            f"The model's tensors are on several devices ({', '.join(sorted(map(str, devices)))}); "
-            "move it to one device before wrapping."
-        )
-    return devices.pop() if devices else torch.device("cpu")
 
 
 def _names_by_param(model: torch.nn.Module) -> dict[int, list[str]]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from ._mode import ModeSpec
+    from ._interface import ModeSpec
 
 PROJECT_NAME = "mixprec"
 

@@ -188,7 +188,7 @@ def overflow_ddp(rank: int, world: int, tmp: Path) -> dict[str, Any]:
 
 def overflow_fsdp(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     """An inf in one element of rank 1's gradient shard: only rank 1 can see it."""
-    from mixprec._distributed import local_tensor
+    from mixprec._tensors import local_tensor
 
     model = make_model(0)
     mpd.fully_shard(model, "16-mixed", modules=model.blocks, init_scale=1024.0)

@@ -17,7 +17,17 @@ import torch
 if TYPE_CHECKING:
     from ._scaler import LossScaler
 
-__all__ = ["ModeSpec", "OptimizerMode", "PrecisionMode", "build_context", "step_in_dtype"]
+__all__ = ["TAGS", "FSDPPlan", "ModeSpec", "OptimizerMode", "PrecisionMode", "build_context",
+           "default_dtype", "step_in_dtype"]
+
+#: Properties a mode can declare in :attr:`ModeSpec.tags`, read by ``mixprec bench`` and
+#: ``mixprec modes`` instead of mode names.
+TAGS: dict[str, str] = {
+    "frozen-weights": "quantizes and freezes the weights it converts: trained as a "
+                      "fine-tune of adapters (LoRA) on top",
+    "slow-on-cpu": "runs on a CPU only through a slow reference path",
+    "cuda-only": "needs a CUDA GPU",
+}
 
 
 @dataclass(frozen=True)
@@ -31,6 +41,11 @@ class ModeSpec:
     :param requires: what the mode needs to run, in words (``"CUDA"``); empty if nothing.
     :param api_version: the plugin API version the mode was written for; a mode
         asking for a newer one than this mixprec has is reported, not loaded.
+    :param tags: properties of the mode from :data:`TAGS` (``{"frozen-weights"}``),
+        so that tools decide by property, not by name.
+
+    .. versionchanged:: 0.2
+       ``tags`` (plugin API 2).
     """
 
     name: str
@@ -39,6 +54,47 @@ class ModeSpec:
     kind: Literal["precision", "optimizer"] = "precision"
     requires: str = ""
     api_version: int = 1
+    tags: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        tags = (self.tags,) if isinstance(self.tags, str) else self.tags
+        object.__setattr__(self, "tags", frozenset(tags))
+
+
+@dataclass(frozen=True)
+class FSDPPlan:
+    """How a precision mode runs on a model sharded with FSDP2 (``fully_shard``).
+
+    A mode supports FSDP2 by returning one from :meth:`PrecisionMode.fsdp_plan` (it
+    may raise :class:`~mixprec.exceptions.ModeOptionError` for option combinations it
+    cannot shard). :func:`mixprec.distributed.fully_shard` applies it before sharding;
+    ``wrap`` follows it after.
+
+    :param param_dtype: ``MixedPrecisionPolicy.param_dtype``: the dtype FSDP
+        all-gathers the parameters in and the forward computes with (None: as stored).
+    :param reduce_dtype: ``MixedPrecisionPolicy.reduce_dtype``: the dtype gradients
+        are reduce-scattered in (None: ``param_dtype``).
+    :param storage_dtype: floating-point parameters are cast to this after
+        ``convert_module`` and before sharding: the dtype of the sharded parameters
+        the optimizer steps (None: as ``convert_module`` left them).
+    :param convert_module: run the mode's ``convert_module`` on the unsharded model.
+    :param forward_context: keep the mode's ``forward_context`` (autocast, …) around
+        the sharded forward; False where ``param_dtype`` already does its job.
+
+    .. versionadded:: 0.1
+    """
+
+    param_dtype: torch.dtype | None = None
+    reduce_dtype: torch.dtype | None = None
+    storage_dtype: torch.dtype | None = None
+    convert_module: bool = True
+    forward_context: bool = True
+
+    def describe(self) -> str:
+        def name(d: torch.dtype | None) -> str:
+            return "as stored" if d is None else str(d).removeprefix("torch.")
+        return (f"FSDP2 MixedPrecisionPolicy(param_dtype={name(self.param_dtype)}, "
+                f"reduce_dtype={name(self.reduce_dtype)})")
 
 
 class PrecisionMode:
@@ -99,10 +155,9 @@ class PrecisionMode:
         """Turn the wrapped module back into a plain one for export."""
         return module
 
-    def fsdp_plan(self) -> Any:
-        """How this mode runs on a model sharded with FSDP2, as a
-        :class:`mixprec.distributed.FSDPPlan`; None (the default) refuses FSDP2
-        with a clear error. See :func:`mixprec.distributed.fully_shard`."""
+    def fsdp_plan(self) -> FSDPPlan | None:
+        """How this mode runs on a model sharded with FSDP2; None (the default)
+        refuses FSDP2 with a clear error. See :func:`mixprec.distributed.fully_shard`."""
         return None
 
     # -- forward ---------------------------------------------------------------

@@ -11,35 +11,24 @@ from typing import Any
 
 import torch
 
-from ._apply import apply_to_float_tensors
-from ._distributed import FSDPPlan
-from ._mode import ModeSpec, PrecisionMode, build_context, default_dtype, step_in_dtype
+from ._dtypes import dtype_name, parse_dtype, short_dtype_name
+from ._interface import (
+    FSDPPlan,
+    ModeSpec,
+    PrecisionMode,
+    build_context,
+    default_dtype,
+    step_in_dtype,
+)
 from ._scaler import LossScaler
+from ._tensors import apply_to_float_tensors
 from .exceptions import ModeOptionError, UnsupportedDeviceError
 from .hookspecs import hookimpl
 
 __all__ = ["MixedPrecision", "TruePrecision"]
 
-_DTYPES = {
-    "32": torch.float32, "float32": torch.float32, "fp32": torch.float32,
-    "64": torch.float64, "float64": torch.float64, "fp64": torch.float64,
-    "16": torch.float16, "float16": torch.float16, "fp16": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}
-_SHORT = {torch.float32: "32", torch.float64: "64", torch.float16: "16", torch.bfloat16: "bf16"}
-
-
 def _dtype(value: str | torch.dtype, allowed: tuple[torch.dtype, ...]) -> torch.dtype:
-    dtype = _DTYPES.get(value) if isinstance(value, str) else value
-    if dtype not in allowed:
-        names = ", ".join(_SHORT[d] for d in allowed)
-        raise ModeOptionError(f"Unsupported dtype {value!r}; use one of {names}.")
-    return dtype  # type: ignore[return-value]
-
-
-def dtype_name(dtype: torch.dtype | None) -> str | None:
-    """``torch.bfloat16`` -> ``"bfloat16"`` (plain values for checkpoints)."""
-    return None if dtype is None else str(dtype).removeprefix("torch.")
+    return parse_dtype(value, allowed)
 
 
 class _ScalingOptions:
@@ -88,7 +77,7 @@ class TruePrecision(_ScalingOptions, PrecisionMode):
         **scaler_options: Any,
     ) -> None:
         self.dtype = _dtype(dtype, (torch.float32, torch.float64, torch.float16, torch.bfloat16))
-        self.name = f"{_SHORT[self.dtype]}-true"
+        self.name = f"{short_dtype_name(self.dtype)}-true"
         low = self.dtype in (torch.float16, torch.bfloat16)
         if master_weights and not low:
             raise ModeOptionError(
@@ -181,7 +170,7 @@ class MixedPrecision(_ScalingOptions, PrecisionMode):
         **scaler_options: Any,
     ) -> None:
         self.dtype = _dtype(dtype, (torch.float16, torch.bfloat16))
-        self.name = f"{_SHORT[self.dtype]}-mixed"
+        self.name = f"{short_dtype_name(self.dtype)}-mixed"
         self.needs_scaling = self.dtype is torch.float16
         self.keep_output_dtype = bool(keep_output_dtype)
         self.device_type = "cpu"
@@ -196,7 +185,7 @@ class MixedPrecision(_ScalingOptions, PrecisionMode):
         if not torch.amp.is_autocast_available(device.type):
             raise UnsupportedDeviceError(
                 f"{self.name} needs torch.autocast, which torch {torch.__version__} does not "
-                f"offer on {device.type!r}; use a true mode such as '{_SHORT[self.dtype]}-true'.",
+                f"offer on {device.type!r}; use a true mode such as '{short_dtype_name(self.dtype)}-true'.",
                 device=device,
             )
         if (self.dtype is torch.bfloat16 and device.type == "cuda"

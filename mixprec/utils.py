@@ -1,0 +1,44 @@
+"""Helpers for plugin authors: everything a mode needs besides the interface.
+
+Plugins (first- and third-party) call these instead of keeping copies::
+
+    from mixprec.utils import cast_floating, device_of, match_module, parse_dtype
+
+- dtypes: :func:`parse_dtype` (an option's ``"bf16"``/``"fp16"``/… or a torch dtype,
+  checked), :func:`dtype_name` (the plain name checkpoints store),
+  :func:`short_dtype_name` (as in mode names);
+- modules: :func:`match_module` (the ``ignore_modules`` rule: dotted names and
+  globs, parents included), :func:`normalize_patterns`, :func:`closest_name`,
+  :func:`device_of`, :func:`cast_floating`;
+- data: :func:`apply_to_float_tensors`, :func:`local_tensor` / :func:`local_tensors`
+  (FSDP2 shards);
+- contexts: :func:`build_context` (for ``init_context``), :func:`default_dtype`,
+  :func:`step_in_dtype` (for ``optimizer_step_context``).
+
+.. versionadded:: 0.2
+"""
+
+from __future__ import annotations
+
+from ._dtypes import DTYPES, dtype_name, parse_dtype, short_dtype_name
+from ._interface import build_context, default_dtype, step_in_dtype
+from ._match import closest_name, match_module, normalize_patterns
+from ._tensors import apply_to_float_tensors, cast_floating, device_of, local_tensor, local_tensors
+
+__all__ = [
+    "DTYPES",
+    "apply_to_float_tensors",
+    "build_context",
+    "cast_floating",
+    "closest_name",
+    "default_dtype",
+    "device_of",
+    "dtype_name",
+    "local_tensor",
+    "local_tensors",
+    "match_module",
+    "normalize_patterns",
+    "parse_dtype",
+    "short_dtype_name",
+    "step_in_dtype",
+]
