@@ -7,7 +7,6 @@ import difflib
 import fnmatch
 import inspect
 import os
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -17,6 +16,7 @@ import pluggy
 
 from . import hookspecs
 from ._interface import TAGS, ModeSpec, OptimizerMode, PrecisionMode
+from ._modestring import NAME_RE, ModePart, parse_mode_string
 from ._version import PLUGIN_API_VERSION, __version__
 from .exceptions import (
     DuplicateModeError,
@@ -30,7 +30,6 @@ __all__ = ["ModeEntry", "Registry", "registry", "use_registry"]
 
 ENTRY_POINT_GROUP = "mixprec"
 LOAD_ENV = "MIXPREC_LOAD_PLUGINS"
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 #: First-party modes and the distribution that provides them, for install hints.
 FIRST_PARTY: dict[str, tuple[str, ...]] = {
@@ -223,9 +222,13 @@ class Registry:
     def build(
         self, mode: str | PrecisionMode | OptimizerMode | Sequence[Any], options: dict[str, Any]
     ) -> tuple[PrecisionMode, list[OptimizerMode]]:
-        """Turn a mode string, mode object or list of them into mode objects."""
+        """Turn a mode string, mode object or list of them into mode objects.
+
+        ``options`` go to the first part, which must then be a mode name; options in
+        a mode string's brackets go to their part.
+        """
         parts = _split(mode)
-        if options and not (len(parts) >= 1 and isinstance(parts[0], str)):
+        if options and not (parts and isinstance(parts[0], ModePart)):
             raise ModeOptionError(
                 "Options were given together with a mode object; pass them to the "
                 "mode object's constructor instead."
@@ -257,28 +260,36 @@ class Registry:
                     spec=_describe(mode),
                 )
         if precision is None:
-            precision = self._instantiate("32-true", {})  # type: ignore[assignment]
-        assert isinstance(precision, PrecisionMode)
+            built = self._instantiate(ModePart("32-true"), {})
+            assert isinstance(built, PrecisionMode)
+            precision = built
         return precision, optimizers
 
     def _instantiate(self, part: Any, options: dict[str, Any]) -> Any:
-        if not isinstance(part, str):
+        if not isinstance(part, ModePart):
             return part
-        entry = self.entry(part)
+        twice = sorted(set(part.options) & set(options))
+        if twice:
+            raise ModeOptionError(
+                f"Option {twice[0]!r} of mode {part.name!r} is given both in the mode string "
+                "and as a keyword; give it once."
+            )
+        options = {**part.options, **options}
+        entry = self.entry(part.name)
         _check_options(entry, options)
         try:
             obj = entry.spec.factory(**options)
         except TypeError as exc:
-            raise ModeOptionError(f"Mode {part!r} rejected its options: {exc}.") from None
+            raise ModeOptionError(f"Mode {part.name!r} rejected its options: {exc}.") from None
         if not getattr(obj, "name", ""):
-            obj.name = part
+            obj.name = part.name
         return obj
 
 
 def _check_spec(spec: object) -> None:
     if not isinstance(spec, ModeSpec):
         raise TypeError(f"expected ModeSpec objects, got {type(spec).__name__}")
-    if not _NAME_RE.match(spec.name):
+    if not NAME_RE.match(spec.name):
         raise ValueError(f"invalid mode name {spec.name!r}")
     if spec.kind not in ("precision", "optimizer"):
         raise ValueError(f"mode {spec.name!r} has unknown kind {spec.kind!r}")
@@ -309,20 +320,7 @@ def _check_options(entry: ModeEntry, options: dict[str, Any]) -> None:
 
 def _split(mode: Any) -> list[Any]:
     if isinstance(mode, str):
-        text = mode.strip()
-        if not text:
-            raise ModeSyntaxError("The mode string is empty; pass a mode such as 'bf16-mixed'.",
-                                  spec=mode)
-        tokens = text.split("+")
-        for token in tokens:
-            if not _NAME_RE.match(token):
-                what = "an empty part" if not token else f"the part {token!r}"
-                raise ModeSyntaxError(
-                    f"Mode string {mode!r} has {what}; write lower-case mode names joined "
-                    "by '+', such as 'bf16-true+adamw8bit'.",
-                    spec=mode,
-                )
-        return tokens
+        return list(parse_mode_string(mode))
     if isinstance(mode, (PrecisionMode, OptimizerMode)):
         return [mode]
     if isinstance(mode, (list, tuple)) and mode:
