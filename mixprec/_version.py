@@ -1,4 +1,4 @@
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 #: Version of the plugin interface (hookspecs, ModeSpec, PrecisionMode,
 #: OptimizerMode). A mode whose ``ModeSpec.api_version`` is higher than this is

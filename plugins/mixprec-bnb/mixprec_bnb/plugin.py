@@ -63,9 +63,11 @@ def _optimizer_factory(name: str) -> Callable[..., BitsandbytesOptimizer]:
 @mixprec.hookimpl
 def mixprec_modes() -> list[mixprec.ModeSpec]:
     """The bitsandbytes precision and optimizer modes."""
-    specs = [mixprec.ModeSpec(name, _precision_factory(name), summary)
+    specs = [mixprec.ModeSpec(name, _precision_factory(name), summary, api_version=2,
+                              tags=set() if name == "int8-training" else {"frozen-weights"})
              for name, summary in PRECISION_MODES.items()]
     specs += [mixprec.ModeSpec(name, _optimizer_factory(name), summary, kind="optimizer",
-                               requires=requires)
+                               requires=requires, api_version=2,
+                               tags={"cuda-only"} if requires == "CUDA" else set())
               for name, (summary, requires) in OPTIMIZER_MODES.items()]
     return specs

@@ -56,12 +56,12 @@ def mixprec_modes() -> list[mixprec.ModeSpec]:
         mixprec.ModeSpec(
             "transformer-engine", _bf16,
             "Transformer Engine FP8 Linear layers, bf16 weights and fallback compute",
-            requires=_REQUIRES,
+            requires=_REQUIRES, api_version=2, tags={"cuda-only"},
         ),
         mixprec.ModeSpec(
             "transformer-engine-float16", _fp16,
             "Transformer Engine FP8 Linear layers, fp16 weights, fp32 masters, "
             "dynamic loss scaling",
-            requires=_REQUIRES,
+            requires=_REQUIRES, api_version=2, tags={"cuda-only"},
         ),
     ]

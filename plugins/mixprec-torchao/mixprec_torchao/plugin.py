@@ -51,17 +51,17 @@ def mixprec_modes() -> list[mixprec.ModeSpec]:
     return [
         spec("fp8-tensorwise", _fp8("tensorwise"),
              "torchao FP8 nn.Linear (per-tensor scales), bf16 autocast elsewhere, fp32 weights",
-             requires=_FP8_NEEDS),
+             requires=_FP8_NEEDS, api_version=2, tags={"slow-on-cpu"}),
         spec("fp8-rowwise", _fp8("rowwise"),
              "torchao FP8 nn.Linear (per-row scales), bf16 autocast elsewhere, fp32 weights",
-             requires=_FP8_NEEDS),
+             requires=_FP8_NEEDS, api_version=2, tags={"slow-on-cpu"}),
         spec("fp8-rowwise-gw-hp", _fp8("rowwise_with_gw_hp"),
              "torchao FP8 nn.Linear (per-row scales, grad-weight in high precision), bf16 "
-             "autocast elsewhere", requires=_FP8_NEEDS),
+             "autocast elsewhere", requires=_FP8_NEEDS, api_version=2, tags={"slow-on-cpu"}),
         spec("ao-adamw8bit", _adamw("8bit"), "torchao AdamW with 8-bit block-quantized state",
-             kind="optimizer", requires="torchao"),
+             kind="optimizer", requires="torchao", api_version=2),
         spec("ao-adamw4bit", _adamw("4bit"), "torchao AdamW with 4-bit block-quantized state",
-             kind="optimizer", requires="torchao"),
+             kind="optimizer", requires="torchao", api_version=2),
         spec("ao-adamw-fp8", _adamw("fp8"), "torchao AdamW with FP8 (e4m3) block-scaled state",
-             kind="optimizer", requires="torchao"),
+             kind="optimizer", requires="torchao", api_version=2),
     ]
