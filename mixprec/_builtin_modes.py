@@ -7,6 +7,9 @@ This module is also the core's plugin: it registers its modes through the same
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,7 +23,7 @@ from ._interface import (
     default_dtype,
     step_in_dtype,
 )
-from ._scaler import LossScaler
+from ._scaler import LossScaler, ScalerConfig
 from ._tensors import apply_to_float_tensors
 from .exceptions import ModeOptionError, UnsupportedDeviceError
 from .hookspecs import hookimpl
@@ -42,7 +45,7 @@ class _ScalingOptions:
             )
         self._scaler_options = dict(options)
         if dtype is torch.float16:
-            LossScaler(**options)  # validate now, before anything is wrapped
+            LossScaler(**options)  # validate now (names, types, ranges), before anything is wrapped
 
     def create_scaler(self) -> LossScaler | None:
         if getattr(self, "needs_scaling", False):
@@ -216,69 +219,44 @@ class MixedPrecision(_ScalingOptions, PrecisionMode):
         return apply_to_float_tensors(data, lambda t: t.to(torch.float32))
 
 
-def _scaling(
-    init_scale: float | None, growth_factor: float | None, backoff_factor: float | None,
-    growth_interval: int | None, min_scale: float | None, max_scale: float | None,
-    hysteresis: int | None,
-) -> dict[str, Any]:
-    given = {"init_scale": init_scale, "growth_factor": growth_factor,
-             "backoff_factor": backoff_factor, "growth_interval": growth_interval,
-             "min_scale": min_scale, "max_scale": max_scale, "hysteresis": hysteresis}
-    return {k: v for k, v in given.items() if v is not None}
+# The registered factories spell every option out (the scaler's from ScalerConfig's
+# fields), so that the registry can name an unknown one and suggest the closest
+# ("master_weight" -> "master_weights").
 
 
-# The registered factories spell every option out, so that the registry can name an
-# unknown one and suggest the closest ("master_weight" -> "master_weights").
+def _factory(
+    cls: type[TruePrecision | MixedPrecision], dtype: str, options: dict[str, Any],
+    scaling: bool = False,
+) -> Callable[..., PrecisionMode]:
+    def factory(**given: Any) -> PrecisionMode:
+        return cls(dtype, **given)
 
-
-def _true(dtype: str) -> Any:
-    def factory(
-        *, master_weights: bool = False, optimizer_dtype: str | None = None,
-        keep_output_dtype: bool = False,
-    ) -> TruePrecision:
-        return TruePrecision(dtype, master_weights=master_weights, optimizer_dtype=optimizer_dtype,
-                             keep_output_dtype=keep_output_dtype)
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter(k, keyword, default=v) for k, v in options.items()]
+    if scaling:
+        params += [inspect.Parameter(f.name, keyword, default=f.default)
+                   for f in dataclasses.fields(ScalerConfig)]
+    factory.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    factory.__name__ = f"{short_dtype_name(parse_dtype(dtype))}_{cls.__name__}"
     return factory
 
 
-def _true16(
-    *, master_weights: bool = False, optimizer_dtype: str | None = None,
-    keep_output_dtype: bool = False, init_scale: float | None = None,
-    growth_factor: float | None = None, backoff_factor: float | None = None,
-    growth_interval: int | None = None, min_scale: float | None = None,
-    max_scale: float | None = None, hysteresis: int | None = None,
-) -> TruePrecision:
-    return TruePrecision("16", master_weights=master_weights, optimizer_dtype=optimizer_dtype,
-                         keep_output_dtype=keep_output_dtype, **_scaling(
-                             init_scale, growth_factor, backoff_factor, growth_interval,
-                             min_scale, max_scale, hysteresis))
-
-
-def _bf16_mixed(*, keep_output_dtype: bool = False) -> MixedPrecision:
-    return MixedPrecision("bf16", keep_output_dtype=keep_output_dtype)
-
-
-def _mixed16(
-    *, keep_output_dtype: bool = False, init_scale: float | None = None,
-    growth_factor: float | None = None, backoff_factor: float | None = None,
-    growth_interval: int | None = None, min_scale: float | None = None,
-    max_scale: float | None = None, hysteresis: int | None = None,
-) -> MixedPrecision:
-    return MixedPrecision("16", keep_output_dtype=keep_output_dtype, **_scaling(
-        init_scale, growth_factor, backoff_factor, growth_interval, min_scale, max_scale,
-        hysteresis))
+_TRUE = {"master_weights": False, "optimizer_dtype": None, "keep_output_dtype": False}
+_MIXED = {"keep_output_dtype": False}
 
 
 @hookimpl
 def mixprec_modes() -> list[ModeSpec]:
     return [
-        ModeSpec("32-true", _true("32"), "fp32 weights and compute (the baseline)"),
-        ModeSpec("64-true", _true("64"), "fp64 weights and compute, for numerics checks"),
-        ModeSpec("16-true", _true16,
+        ModeSpec("32-true", _factory(TruePrecision, "32", _TRUE),
+                 "fp32 weights and compute (the baseline)"),
+        ModeSpec("64-true", _factory(TruePrecision, "64", _TRUE),
+                 "fp64 weights and compute, for numerics checks"),
+        ModeSpec("16-true", _factory(TruePrecision, "16", _TRUE, scaling=True),
                  "fp16 weights and compute, loss scaling, fp32 optimizer math; "
                  "master_weights=True for fp32 masters"),
-        ModeSpec("bf16-true", _true("bf16"),
+        ModeSpec("bf16-true", _factory(TruePrecision, "bf16", _TRUE),
                  "bf16 weights and compute; master_weights=True for fp32 masters"),
-        ModeSpec("16-mixed", _mixed16, "fp32 weights, fp16 autocast, dynamic loss scaling"),
-        ModeSpec("bf16-mixed", _bf16_mixed, "fp32 weights, bf16 autocast"),
+        ModeSpec("16-mixed", _factory(MixedPrecision, "16", _MIXED, scaling=True), "fp32 weights, fp16 autocast, dynamic loss scaling"),
+        ModeSpec("bf16-mixed", _factory(MixedPrecision, "bf16", _MIXED), "fp32 weights, bf16 autocast"),
     ]

@@ -9,6 +9,7 @@ after ``hysteresis`` overflows in a row).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,11 +19,25 @@ import torch
 from ._tensors import local_tensors
 from .exceptions import CheckpointError, ModeOptionError
 
-__all__ = ["LossScaler", "non_finite_found", "unscale_and_check"]
+__all__ = ["LossScaler", "ScalerConfig", "non_finite_found", "unscale_and_check"]
 
 
-class LossScaler:
-    """Dynamic loss scale with torch ``GradScaler`` defaults.
+def _number(value: Any, name: str, *, integer: bool = False) -> float:
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            integer and int(value) != value):
+        raise ModeOptionError(f"Invalid loss-scaler option: {name} must be {kind}, got {value!r}.")
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalerConfig:
+    """The options of dynamic loss scaling: the one place they are spelled out.
+
+    Modes that scale take these as keyword options (``init_scale=1024``), the
+    registry checks option names against these fields, and :class:`LossScaler`
+    is built from one. A new option is one field here (with its check in
+    :meth:`__post_init__`).
 
     :param init_scale: scale of the first step (``2**16``).
     :param growth_factor: factor applied after ``growth_interval`` clean steps.
@@ -31,50 +46,83 @@ class LossScaler:
     :param min_scale: the scale never drops below this.
     :param max_scale: the scale never grows above this.
     :param hysteresis: overflows in a row tolerated before backing off (1 = torch).
+
+    .. versionadded:: 0.2
     """
 
-    def __init__(
-        self,
-        init_scale: float = 2.0**16,
-        growth_factor: float = 2.0,
-        backoff_factor: float = 0.5,
-        growth_interval: int = 2000,
-        min_scale: float = 1.0 / 2**24,
-        max_scale: float = 2.0**24,
-        hysteresis: int = 1,
-    ) -> None:
+    init_scale: float = 2.0**16
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    growth_interval: int = 2000
+    min_scale: float = 1.0 / 2**24
+    max_scale: float = 2.0**24
+    hysteresis: int = 1
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            integer = f.type in ("int", int)
+            value = _number(getattr(self, f.name), f.name, integer=integer)
+            object.__setattr__(self, f.name, int(value) if integer else value)
         checks = [
-            (init_scale > 0 and math.isfinite(init_scale), "init_scale must be a positive number"),
-            (growth_factor >= 1.0, "growth_factor must be >= 1"),
-            (0.0 < backoff_factor < 1.0, "backoff_factor must be in (0, 1)"),
-            (int(growth_interval) == growth_interval and growth_interval >= 1,
-             "growth_interval must be a positive integer"),
-            (0.0 < min_scale <= max_scale, "min_scale must be positive and <= max_scale"),
-            (int(hysteresis) == hysteresis and hysteresis >= 1, "hysteresis must be an integer >= 1"),
+            (self.init_scale > 0 and math.isfinite(self.init_scale),
+             "init_scale must be a positive number"),
+            (self.growth_factor >= 1.0 and math.isfinite(self.growth_factor),
+             "growth_factor must be >= 1"),
+            (0.0 < self.backoff_factor < 1.0, "backoff_factor must be in (0, 1)"),
+            (self.growth_interval >= 1, "growth_interval must be a positive integer"),
+            (0.0 < self.min_scale <= self.max_scale and math.isfinite(self.max_scale),
+             "min_scale must be positive and <= max_scale"),
+            (self.hysteresis >= 1, "hysteresis must be an integer >= 1"),
         ]
         for ok, what in checks:
             if not ok:
                 raise ModeOptionError(f"Invalid loss-scaler option: {what}.")
-        self.growth_factor = float(growth_factor)
-        self.backoff_factor = float(backoff_factor)
-        self.growth_interval = int(growth_interval)
-        self.min_scale = float(min_scale)
-        self.max_scale = float(max_scale)
-        self.hysteresis = int(hysteresis)
-        self.scale = min(max(float(init_scale), self.min_scale), self.max_scale)
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The option names, in order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every option as a plain value."""
+        return dataclasses.asdict(self)
+
+
+class LossScaler:
+    """Dynamic loss scale with torch ``GradScaler`` defaults.
+
+    :param options: the fields of :class:`ScalerConfig` (``init_scale``,
+        ``growth_factor``, ``backoff_factor``, ``growth_interval``, ``min_scale``,
+        ``max_scale``, ``hysteresis``), or ``config=`` a whole one.
+    """
+
+    def __init__(self, config: ScalerConfig | None = None, **options: Any) -> None:
+        if config is None:
+            unknown = sorted(set(options) - set(ScalerConfig.option_names()))
+            if unknown:
+                raise ModeOptionError(
+                    f"Unknown loss-scaler option {unknown[0]!r}; the options are "
+                    f"{', '.join(ScalerConfig.option_names())}."
+                )
+            config = ScalerConfig(**options)
+        elif options:
+            raise ModeOptionError("Pass loss-scaler options either as config= or as keywords.")
+        for key, value in config.as_dict().items():
+            setattr(self, key, value)
+        self.scale = min(max(float(config.init_scale), self.min_scale), self.max_scale)
         self._growth_tracker = 0
         self._hysteresis_left = self.hysteresis
 
+    growth_factor: float
+    backoff_factor: float
+    growth_interval: int
+    min_scale: float
+    max_scale: float
+    hysteresis: int
+
     def config(self) -> dict[str, Any]:
-        """The constructor options, as plain values."""
-        return {
-            "growth_factor": self.growth_factor,
-            "backoff_factor": self.backoff_factor,
-            "growth_interval": self.growth_interval,
-            "min_scale": self.min_scale,
-            "max_scale": self.max_scale,
-            "hysteresis": self.hysteresis,
-        }
+        """The options besides ``init_scale``, as plain values."""
+        return {k: getattr(self, k) for k in ScalerConfig.option_names() if k != "init_scale"}
 
     def update(self, found_inf: bool) -> None:
         """Advance the scale after a step that did (or did not) overflow."""
