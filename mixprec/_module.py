@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,9 @@ class WrappedModule(torch.nn.Module):
         self._module = module
         self._mode: PrecisionMode = precision.precision_mode
         self._precision: PrecisionWrapper | None = precision
+        # FSDP2 plans of mixed modes cast through MixedPrecisionPolicy: no second autocast
+        plan = precision.fsdp_plan
+        self._forward_context = plan is None or plan.forward_context
         # Nested in another module (peft's PeftModel), torch loads our part of a state
         # dict through its own recursion, which expects the ``_module.`` prefix that our
         # state_dict() never writes: route the keys to the inner module.
@@ -64,7 +68,7 @@ class WrappedModule(torch.nn.Module):
         if self._precision is not None:  # DDP: will this forward's backward all-reduce?
             self._precision._dist.note_forward()
         args, kwargs = mode.convert_input((args, kwargs))
-        with mode.forward_context():
+        with mode.forward_context() if self._forward_context else contextlib.nullcontext():
             output = self.module(*args, **kwargs)
         return mode.convert_output(output)
 

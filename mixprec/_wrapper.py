@@ -10,15 +10,16 @@ from typing import Any, overload
 
 import torch
 
-from ._distributed import DistributedSync
-from ._interface import OptimizerMode, PrecisionMode
-from ._journal import Journal
+from . import _checkpoint
+from ._convert import atomic, convert_module, match_state_dtypes, remap_optimizer, validate_modes
+from ._interface import FSDPPlan, OptimizerMode, PrecisionMode
 from ._master import MasterWeights
 from ._module import _WRAPPED, WrappedModule, is_wrapped
 from ._optimizer import WrappedOptimizer
 from ._registry import registry
 from ._scaler import non_finite_found, unscale_and_check
-from ._tensors import device_of, local_tensor
+from ._sync import DistributedSync
+from ._tensors import local_tensor
 from .exceptions import (
     AlreadyWrappedError,
     BackwardError,
@@ -33,7 +34,6 @@ __all__ = ["PrecisionWrapper", "init_module", "unwrap", "wrap"]
 logger = logging.getLogger("mixprec")
 
 ModeLike = str | PrecisionMode | OptimizerMode | Sequence[str | PrecisionMode | OptimizerMode]
-_CHECKPOINT_FORMAT = 1
 
 
 class PrecisionWrapper:
@@ -75,8 +75,11 @@ class PrecisionWrapper:
         self._backward_calls = 0
         self._unscaled = False
         self._found_inf = False
-        #: DDP / FSDP2 state: flag all-reduce, gradients held under no_sync (_distributed.py)
+        #: DDP / FSDP2 state: flag all-reduce, gradients held under no_sync (_sync.py)
         self._dist = DistributedSync()
+        #: the FSDP2 plan of a model mixprec.distributed.fully_shard converted, else None
+        self.fsdp_plan: FSDPPlan | None = None
+        self._shard_lines: tuple[str, ...] = ()
 
     @classmethod
     def _for_copy(cls, module: WrappedModule) -> PrecisionWrapper:
@@ -119,22 +122,16 @@ class PrecisionWrapper:
         """Apply the mode to ``model`` (and ``optimizer``); atomic: on error nothing changed."""
         self._validate(model, optimizer)
         # torch.distributed: refuses wrap(DDP(model)); a model sharded by
-        # mixprec.distributed.fully_shard runs through its mode's FSDP plan.
-        self.precision_mode = self._dist.attach(model, self.precision_mode, self.optimizer_modes)
-        device = device_of(model)
-        self.precision_mode.validate(model, device)
-        for om in self.optimizer_modes:
-            if optimizer is None:
-                raise WrapError(
-                    f"Optimizer mode {om.name!r} needs an optimizer: call wrap(model, optimizer)."
-                )
-            om.validate(optimizer, model, device)
-
-        journal = Journal(model, optimizer)
+        # mixprec.distributed.fully_shard runs the mode object that converted it, by its plan.
+        record = self._dist.attach(model, self.precision_mode, self.optimizer_modes)
+        if record is not None:
+            self.precision_mode, self.fsdp_plan = record.mode, record.plan
+            self._shard_lines = record.lines
+        validate_modes(model, optimizer, self.precision_mode, self.optimizer_modes)
         try:
-            inner_opt = self._convert(model, optimizer)
+            with atomic(model, optimizer):
+                inner_opt = self._convert(model, optimizer)
         except BaseException:
-            journal.rollback()
             self.masters = None
             raise
         self.module = WrappedModule(model, self)
@@ -177,22 +174,25 @@ class PrecisionWrapper:
     def _convert(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     ) -> torch.optim.Optimizer | None:
-        names_before = _names_by_param(model)
-        lines = [f"mode: {self.precision_mode.describe()}"]
-        lines += self.precision_mode.convert_module(model)
+        if self.fsdp_plan is None:
+            lines, names_before = convert_module(self.precision_mode, model)
+        else:  # converted and sharded by mixprec.distributed.fully_shard
+            lines, names_before = list(self._shard_lines), {}
         names_after = dict(model.named_parameters(remove_duplicate=False))
         self._names = {id(p): n for n, p in model.named_parameters()}
         if optimizer is None:
             self.summary_lines = lines
             return None
-        lines += _remap_optimizer(optimizer, names_before, names_after)
-        if self.precision_mode.master_weights:
+        lines += remap_optimizer(optimizer, names_before, names_after)
+        # Under FSDP2 the sharded parameters are what the optimizer steps (the plan's
+        # storage dtype): no second copy.
+        if self.precision_mode.master_weights and self.fsdp_plan is None:
             self.masters = MasterWeights(optimizer)
             for model_param, master in self.masters.pairs:
                 self._names[id(master)] = self._names.get(id(model_param), "?")
             lines.append(self.masters.describe())
         with self.precision_mode.optimizer_step_context(optimizer):
-            _match_state_dtypes(optimizer)
+            match_state_dtypes(optimizer)
         param_names = {p: self._names.get(id(p), "?") for g in optimizer.param_groups
                        for p in g["params"]}
         for om in self.optimizer_modes:
@@ -377,43 +377,39 @@ class PrecisionWrapper:
             self.masters.load_from(dict(inner.named_parameters(remove_duplicate=False)), state)
         return result
 
-    def _precision_state(self) -> dict[str, Any]:
-        return {
-            "format": _CHECKPOINT_FORMAT,
-            "mode": self.mode_name,
-            "options": self.precision_mode.options(),
-            "scaler": None if self.scaler is None else self.scaler.state_dict(),
-            "steps": self.steps,
-            "skipped_steps": self.skipped_steps,
-            "mode_state": self.precision_mode.state_dict(),
-        }
+    def precision_state(self) -> dict[str, Any]:
+        """The checkpoint's ``"mixprec"`` entry for this wrapper (see ``_checkpoint.py``)."""
+        return _checkpoint.precision_state(
+            mode=self.mode_name, options=self.precision_mode.options(),
+            scaler=None if self.scaler is None else self.scaler.state_dict(),
+            steps=self.steps, skipped_steps=self.skipped_steps,
+            mode_state=self.precision_mode.state_dict(),
+        )
 
-    def _load_precision_state(self, state: Mapping[str, Any]) -> None:
-        mode = state.get("mode")
-        if mode != self.mode_name:
-            raise CheckpointError(
-                f"The checkpoint was saved in mode {mode!r} but this wrapper runs "
-                f"{self.mode_name!r}; wrap with mode={mode!r} to resume it, or load only the "
-                "model weights with model.load_state_dict()."
-            )
+    def load_precision_state(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`precision_state` saved in this mode."""
+        _checkpoint.check_mode(state, self.mode_name)
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.steps = int(state.get("steps", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.precision_mode.load_state_dict(state.get("mode_state") or {})
 
+    def param_name(self, param: torch.Tensor) -> str:
+        """The dotted name of the model parameter ``param`` is (or is the master of)."""
+        return self._names.get(id(param), "?")
+
     def _optimizer_state_dict(self) -> dict[str, Any]:
         assert self.optimizer is not None
         state = self.optimizer.optimizer.state_dict()
-        state["mixprec"] = self._precision_state()
+        state[_checkpoint.KEY] = self.precision_state()
         return state
 
     def _load_optimizer_state_dict(self, state: Mapping[str, Any]) -> None:
         assert self.optimizer is not None
-        state = dict(state)
-        extra = state.pop("mixprec", None)
+        state, extra = _checkpoint.split_optimizer_state(state)
         if extra is not None:
-            self._load_precision_state(extra)  # checks the mode before touching anything
+            self.load_precision_state(extra)  # checks the mode before touching anything
         inner = self.optimizer.optimizer
         with self.precision_mode.optimizer_step_context(inner):
             inner.load_state_dict(state)
@@ -426,7 +422,7 @@ class PrecisionWrapper:
         if self.optimizer is not None:
             out["optimizer"] = self.optimizer.state_dict()
         else:
-            out["mixprec"] = self._precision_state()
+            out[_checkpoint.KEY] = self.precision_state()
         return out
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
@@ -437,81 +433,14 @@ class PrecisionWrapper:
                 "This is not a mixprec checkpoint (no 'model' entry); load model and optimizer "
                 "state dicts separately with model.load_state_dict() / opt.load_state_dict()."
             )
-        if self.optimizer is not None and "optimizer" in state:
-            extra = state["optimizer"].get("mixprec")
-            if extra is not None and extra.get("mode") != self.mode_name:
-                self._load_precision_state(extra)  # raises the mode-mismatch error
+        extra = _checkpoint.find_precision_state(state)
+        if extra is not None:
+            _checkpoint.check_mode(extra, self.mode_name)  # before anything is loaded
         self.module.load_state_dict(state["model"], strict=strict)
         if self.optimizer is not None and "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
-        elif "mixprec" in state:
-            self._load_precision_state(state["mixprec"])
-
-
-def _names_by_param(model: torch.nn.Module) -> dict[int, list[str]]:
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    return names
-
-
-def _remap_optimizer(
-    optimizer: torch.optim.Optimizer, names_before: dict[int, list[str]],
-    names_after: dict[str, torch.nn.Parameter],
-) -> list[str]:
-    """Point the optimizer at the converted model's parameters.
-
-    A parameter still in the model stays; one replaced at the same name by a
-    trainable tensor is swapped for it (state moved); one that left the model or
-    was frozen leaves the optimizer with its state.
-    """
-    live = {id(p) for p in names_after.values()}
-    replaced, dropped = 0, []
-    for group in optimizer.param_groups:
-        params = []
-        for p in group["params"]:
-            if id(p) in live and p.requires_grad:
-                params.append(p)
-                continue
-            new = None if id(p) in live else next(
-                (names_after[n] for n in names_before.get(id(p), []) if n in names_after), None)
-            state = optimizer.state.pop(p, None)
-            if new is not None and new.requires_grad:
-                params.append(new)
-                if state:
-                    optimizer.state[new] = {
-                        k: v.to(new.dtype) if torch.is_tensor(v) and v.is_floating_point()
-                        and v.shape == new.shape else v for k, v in state.items()
-                    }
-                replaced += 1
-            else:
-                dropped.append(names_before.get(id(p), ["?"])[0])
-        group["params"] = params
-    lines = []
-    if replaced:
-        lines.append(f"optimizer: {replaced} parameters remapped to their converted tensors")
-    if dropped:
-        shown = ", ".join(dropped[:8]) + (" …" if len(dropped) > 8 else "")
-        lines.append(f"optimizer: {len(dropped)} frozen or removed parameters left it: {shown}")
-    return lines
-
-
-def _match_state_dtypes(optimizer: torch.optim.Optimizer) -> None:
-    """Cast existing optimizer state to the dtype its parameter now steps in.
-
-    A parameter cast in place (``bf16-true``) keeps its optimizer entry, and torch
-    optimizers fail on fp32 state for a bf16 parameter. ``step`` counters stay as
-    they are (bf16 cannot count past 256).
-    """
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state.get(p)
-            if not state:
-                continue
-            for key, value in state.items():
-                if (key != "step" and torch.is_tensor(value) and value.is_floating_point()
-                        and value.shape == p.shape and value.dtype is not p.dtype):
-                    state[key] = value.to(p.dtype)
+        elif _checkpoint.KEY in state:
+            self.load_precision_state(state[_checkpoint.KEY])
 
 
 # -- module-level API -------------------------------------------------------------------

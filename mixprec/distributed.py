@@ -37,7 +37,7 @@ naming the mode.
 
 from __future__ import annotations
 
-from ._distributed import fully_shard, get_state_dict, set_state_dict
+from ._fsdp import fully_shard, get_state_dict, set_state_dict
 from ._interface import FSDPPlan
 
 __all__ = ["FSDPPlan", "fully_shard", "get_state_dict", "set_state_dict"]

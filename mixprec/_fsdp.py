@@ -1,206 +1,32 @@
-"""mixprec inside torch.distributed: DDP and FSDP2 (``fully_shard``).
+"""The user API of mixprec on FSDP2 and for distributed checkpoints:
+:func:`fully_shard`, :func:`get_state_dict`, :func:`set_state_dict`
+(re-exported by :mod:`mixprec.distributed`).
 
-DDP: wrap first, then hand the wrapped model to ``DistributedDataParallel``
-(``wrap(DDP(model))`` is refused with that advice). The wrapper notices the DDP
-forward it runs in; where this step's gradients were not all-reduced (the step
-is taken inside ``no_sync()``) it all-reduces the inf/NaN flag, so every rank
-skips the same steps and holds the same loss scale. With fp32 master weights,
-micro-batches under ``no_sync()`` keep their gradients on the model for DDP to
-reduce instead of moving them into the (unreduced) masters.
-
-FSDP2: :func:`fully_shard` converts the model for a mode on the unsharded model
-and shards it with the mode's ``MixedPrecisionPolicy``; ``wrap`` then runs the
-sharded model through the mode's :class:`FSDPPlan` (no second autocast for the
-mixed modes, no second copy for master weights: the sharded fp32 parameters are
-the masters). Gradients are sharded DTensors: inf/NaN checks read the local
-shards and the flag is all-reduced over the mesh. A mode opts in to FSDP2 with a
-method ``fsdp_plan() -> FSDPPlan``; an optimizer mode with ``fsdp_compatible = True``.
+:func:`fully_shard` converts the model for a mode on the unsharded model (the same
+validate -> convert-all-or-nothing sequence as ``wrap``, ``_convert.py``) and shards
+it with the mode's ``MixedPrecisionPolicy``; ``wrap`` then runs the sharded model
+through the mode's :class:`~mixprec.FSDPPlan` (recorded in ``_sync.py``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import weakref
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
-from ._interface import FSDPPlan, OptimizerMode, PrecisionMode
-from ._tensors import ddp_class, device_of, is_fully_sharded
+from . import _checkpoint
+from ._convert import atomic, convert_module, validate_modes
+from ._interface import FSDPPlan, PrecisionMode
+from ._module import WrappedModule, is_wrapped
+from ._registry import registry
+from ._sync import ShardRecord, check_fsdp_optimizer_modes, record_sharded
+from ._tensors import ddp_class, is_fully_sharded
+from ._wrapper import ModeLike, PrecisionWrapper
 from .exceptions import CheckpointError, ModeOptionError, WrapError
 
-if TYPE_CHECKING:
-    from ._wrapper import PrecisionWrapper
-
-__all__ = ["DistributedSync", "fully_shard", "get_state_dict", "set_state_dict"]
-
-
-#: FSDP2 roots sharded by :func:`fully_shard`: the mode object that converted them,
-#: its plan and the summary lines of the conversion.
-_SHARDED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[PrecisionMode, FSDPPlan, list[str]]] = (
-    weakref.WeakKeyDictionary())
-
-
-# -- the wrapper's distributed state --------------------------------------------------------
-
-
-class DistributedSync:
-    """What one :class:`~mixprec.PrecisionWrapper` knows about the engine running it.
-
-    ``engine`` is ``"ddp"`` once a forward ran inside a ``DistributedDataParallel``
-    forward, ``"fsdp"`` for a model sharded by :func:`fully_shard`, else None.
-    """
-
-    def __init__(self) -> None:
-        self.engine: str | None = None
-        self._ddp_group: Any = None
-        self._ddp_synced = True  # will the last DDP forward's backward all-reduce?
-        self._mesh: Any = None
-
-    # -- wrap ------------------------------------------------------------------------
-
-    def attach(
-        self, model: torch.nn.Module, mode: PrecisionMode, optimizer_modes: Sequence[OptimizerMode],
-    ) -> PrecisionMode:
-        """Check ``model`` can be wrapped as it is; return the mode to run it with.
-
-        Raises before anything is changed: ``wrap(DDP(model))``, a model sharded by
-        torch's own ``fully_shard``, or a mode other than the one it was sharded for.
-        """
-        if isinstance(mode, _ShardedMode):  # a retry of a failed wrap
-            mode = mode.mode
-        ddp = ddp_class()
-        if ddp is not None and isinstance(model, ddp):
-            raise WrapError(
-                "wrap() got a DistributedDataParallel model; wrap the plain model first and "
-                "give the result to DDP: model, opt = mixprec.wrap(model, opt, mode); "
-                "model = DistributedDataParallel(model)."
-            )
-        if not is_fully_sharded(model):
-            return mode
-        record = _SHARDED.get(model)
-        if record is None:
-            raise WrapError(
-                "This model was sharded with torch's fully_shard, so mixprec cannot convert "
-                "it any more; shard the plain model with mixprec.distributed.fully_shard(model, "
-                "mode, modules=...) instead, which converts it first and picks the matching "
-                "MixedPrecisionPolicy."
-            )
-        sharded_mode, plan, lines = record
-        if sharded_mode is not mode and (sharded_mode.name != mode.name
-                                         or sharded_mode.options() != mode.options()):
-            raise WrapError(
-                f"The model was sharded for mode {sharded_mode.describe()!r} but wrap() asks "
-                f"for {mode.describe()!r}; pass the same mode and options to wrap() as to "
-                "mixprec.distributed.fully_shard()."
-            )
-        _check_optimizer_modes(optimizer_modes)
-        self.engine = "fsdp"
-        self._mesh = next((p.device_mesh for p in model.parameters()
-                           if hasattr(p, "device_mesh")), None)
-        return _ShardedMode(sharded_mode, plan, lines)
-
-    # -- training ----------------------------------------------------------------------
-
-    def note_forward(self) -> None:
-        """Called at each forward of the wrapped module: is it inside a DDP forward?"""
-        ddp = ddp_class()
-        active = None if ddp is None else ddp._get_active_ddp_module()
-        if active is None:
-            return
-        self.engine = "ddp"
-        self._ddp_group = active.process_group
-        # DDP prepares the gradient all-reduce only for these forwards (DDP._pre_forward).
-        self._ddp_synced = bool(torch.is_grad_enabled() and active.require_backward_grad_sync)
-
-    def holds_grads_on_model(self) -> bool:
-        """True while DDP's ``no_sync()`` accumulates: gradients must stay on the model's
-        parameters for DDP to reduce them at the synchronising backward."""
-        return self.engine == "ddp" and not self._ddp_synced
-
-    def agree(self, found_inf: bool, device: torch.device | None) -> bool:
-        """All-reduce the inf/NaN flag where gradients differ between ranks.
-
-        Under DDP with synchronised gradients every rank reads the same numbers
-        and nothing is sent. Under FSDP2 each rank checked only its shards.
-        """
-        if self.engine == "fsdp" and self._mesh is not None:
-            groups = list(self._mesh.get_all_groups())
-            device = torch.device(self._mesh.device_type) if device is None else device
-        elif self.engine == "ddp" and not self._ddp_synced:
-            groups = [self._ddp_group]
-        else:
-            return found_inf
-        import torch.distributed as dist
-
-        flag = torch.tensor([1.0 if found_inf else 0.0], device=device or "cpu")
-        for group in groups:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        return bool(flag.item())
-
-
-class _ShardedMode(PrecisionMode):
-    """A mode run on a model :func:`fully_shard` converted and sharded for it."""
-
-    master_weights = False  # the sharded parameters are what the optimizer steps
-
-    def __init__(self, mode: PrecisionMode, plan: FSDPPlan, lines: list[str]) -> None:
-        self.mode = mode
-        self.plan = plan
-        self.name = mode.name
-        self.needs_scaling = mode.needs_scaling
-        self._lines = lines
-
-    def options(self) -> dict[str, Any]:
-        return self.mode.options()
-
-    def describe(self) -> str:
-        return self.mode.describe()
-
-    @property
-    def param_dtype(self) -> torch.dtype | None:
-        return self.plan.storage_dtype or self.mode.param_dtype
-
-    def convert_module(self, module: torch.nn.Module) -> list[str]:
-        return list(self._lines)  # converted and sharded by mixprec.distributed.fully_shard
-
-    def init_context(self, device: torch.device | str | None = None) -> contextlib.AbstractContextManager[None]:
-        return self.mode.init_context(device)
-
-    def unwrap_module(self, module: torch.nn.Module) -> torch.nn.Module:
-        return self.mode.unwrap_module(module)
-
-    def forward_context(self) -> contextlib.AbstractContextManager[None]:
-        if self.plan.forward_context:
-            return self.mode.forward_context()
-        return contextlib.nullcontext()
-
-    def convert_input(self, data: Any) -> Any:
-        return self.mode.convert_input(data)
-
-    def convert_output(self, data: Any) -> Any:
-        return self.mode.convert_output(data)
-
-    def create_scaler(self) -> Any:
-        return self.mode.create_scaler()
-
-    def optimizer_step_context(self, optimizer: torch.optim.Optimizer) -> contextlib.AbstractContextManager[None]:
-        return self.mode.optimizer_step_context(optimizer)
-
-    def module_state_dict(self, module: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
-        return self.mode.module_state_dict(module, state)
-
-    def load_module_state_dict(self, module: torch.nn.Module, state: Mapping[str, Any],
-                               strict: bool) -> Any:
-        return self.mode.load_module_state_dict(module, state, strict)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.mode.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.mode.load_state_dict(state)
+__all__ = ["fully_shard", "get_state_dict", "set_state_dict"]
 
 
 def _plan_of(mode: PrecisionMode) -> FSDPPlan:
@@ -218,23 +44,12 @@ def _plan_of(mode: PrecisionMode) -> FSDPPlan:
     return plan
 
 
-def _check_optimizer_modes(optimizer_modes: Sequence[OptimizerMode]) -> None:
-    for om in optimizer_modes:
-        if not getattr(om, "fsdp_compatible", False):
-            provider = type(om).__module__.split(".")[0].replace("_", "-")
-            raise WrapError(
-                f"Optimizer mode {om.name!r} (from {provider}) cannot step the sharded "
-                "(DTensor) parameters of a fully_shard-ed (FSDP2) model; use a plain torch "
-                "optimizer with FSDP2, or train with DistributedDataParallel."
-            )
-
-
 # -- FSDP2 ------------------------------------------------------------------------------------
 
 
 def fully_shard(
     model: torch.nn.Module,
-    mode: Any = "32-true",
+    mode: ModeLike = "32-true",
     *,
     modules: Iterable[torch.nn.Module] | None = None,
     autocast: bool = False,
@@ -266,10 +81,6 @@ def fully_shard(
     from torch.distributed.fsdp import MixedPrecisionPolicy
     from torch.distributed.fsdp import fully_shard as torch_fully_shard
 
-    from ._journal import Journal
-    from ._module import is_wrapped
-    from ._registry import registry
-
     if not isinstance(model, torch.nn.Module):
         raise WrapError(f"fully_shard() needs a torch.nn.Module, got {type(model).__name__}.")
     if is_wrapped(model):
@@ -296,27 +107,14 @@ def fully_shard(
     plan = _plan_of(precision)
     if autocast:
         plan = dataclasses.replace(plan, forward_context=True)
-    _check_optimizer_modes(optimizer_modes)
-    precision.validate(model, device_of(model))
+    check_fsdp_optimizer_modes(optimizer_modes)
+    validate_modes(model, None, precision, ())
 
-    journal = Journal(model, None)
-    try:
-        lines = [f"mode: {precision.describe()}"]
+    with atomic(model, None):
         if plan.convert_module:
-            lines += precision.convert_module(model)
-        if plan.storage_dtype is not None:
-            n = 0
-            with torch.no_grad():
-                for p in model.parameters():
-                    if p.is_floating_point() and p.dtype is not plan.storage_dtype:
-                        p.data = p.data.to(plan.storage_dtype)
-                        n += 1
-            if n:
-                lines.append(f"sharded parameters kept in {plan.storage_dtype} "
-                             f"({n} cast): they are what the optimizer steps")
-    except BaseException:
-        journal.rollback()
-        raise
+            lines, _ = convert_module(precision, model, plan.storage_dtype)
+        else:
+            lines = [f"mode: {precision.describe()}"]
     policy = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=plan.reduce_dtype)
     for unit in units:
         torch_fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward,
@@ -326,7 +124,7 @@ def fully_shard(
     lines.append(f"sharded with {plan.describe()}: {len(units) + 1} FSDP units")
     if not plan.forward_context:
         lines.append("no autocast: FSDP2 casts parameters and inputs to the compute dtype")
-    _SHARDED[model] = (precision, plan, lines)
+    record_sharded(model, ShardRecord(precision, plan, tuple(lines)))
     return model
 
 
@@ -334,8 +132,6 @@ def fully_shard(
 
 
 def _parts(model: torch.nn.Module) -> tuple[PrecisionWrapper, torch.nn.Module]:
-    from ._module import WrappedModule
-
     inner = model
     ddp = ddp_class()
     if ddp is not None and isinstance(inner, ddp):
@@ -350,8 +146,7 @@ def _parts(model: torch.nn.Module) -> tuple[PrecisionWrapper, torch.nn.Module]:
 
 def _optimizer_names(precision: PrecisionWrapper) -> list[list[str]]:
     assert precision.optimizer is not None
-    names = precision._names
-    return [[names.get(id(p), "?") for p in g["params"]]
+    return [[precision.param_name(p) for p in g["params"]]
             for g in precision.optimizer.optimizer.param_groups]
 
 
@@ -374,7 +169,7 @@ def get_state_dict(
     """
     precision, inner = _parts(model)
     _check_optimizer(precision, optimizer)
-    if precision._dist.engine != "fsdp":
+    if precision.fsdp_plan is None:
         if not full_state_dict:
             raise CheckpointError(
                 "Sharded checkpoints are for fully_shard-ed (FSDP2) models; DDP replicas are "
@@ -389,21 +184,21 @@ def get_state_dict(
 
     opts = StateDictOptions(full_state_dict=full_state_dict, cpu_offload=full_state_dict)
     out: dict[str, Any] = {"model": get_model_state_dict(inner, options=opts)}
-    extra = precision._precision_state()
+    extra = precision.precision_state()
     if precision.optimizer is not None:
         optim = get_optimizer_state_dict(inner, precision.optimizer.optimizer, options=opts)
         if full_state_dict:
             if not out["model"]:  # not rank 0
                 return {}
             optim = _fqn_to_index(optim)
-            optim["mixprec"] = extra
+            optim[_checkpoint.KEY] = extra
         else:
-            out["mixprec"] = extra
+            out[_checkpoint.KEY] = extra
         out["optimizer"] = optim
     elif full_state_dict and not out["model"]:
         return {}
     else:
-        out["mixprec"] = extra
+        out[_checkpoint.KEY] = extra
     return out
 
 
@@ -422,7 +217,7 @@ def set_state_dict(
     """
     precision, inner = _parts(model)
     _check_optimizer(precision, optimizer)
-    if precision._dist.engine != "fsdp":
+    if precision.fsdp_plan is None:
         if not full_state_dict:
             raise CheckpointError(
                 "Sharded checkpoints are for fully_shard-ed (FSDP2) models; under DDP load "
@@ -444,12 +239,11 @@ def set_state_dict(
     optim = state.get("optimizer") if have else None
     if have:
         if full_state_dict and optim is not None:
-            optim = dict(optim)
-            extra = optim.pop("mixprec", None)
+            optim, extra = _checkpoint.split_optimizer_state(optim)
         else:
-            extra = state.get("mixprec")
-        if extra is not None and extra.get("mode") != precision.mode_name:
-            precision._load_precision_state(extra)  # raises the mode-mismatch error
+            extra = state.get(_checkpoint.KEY)
+        if extra is not None:
+            _checkpoint.check_mode(extra, precision.mode_name)  # before anything is loaded
     opts = StateDictOptions(full_state_dict=full_state_dict,
                             broadcast_from_rank0=broadcast_from_rank0)
     # torch writes DTensors into the dict it is given: copy, the caller's stays as it was
@@ -466,7 +260,7 @@ def set_state_dict(
         dist.broadcast_object_list(box, src=0)
         extra = box[0]
     if extra is not None:
-        precision._load_precision_state(extra)
+        precision.load_precision_state(extra)
 
 
 def _check_optimizer(precision: PrecisionWrapper, optimizer: torch.optim.Optimizer | None) -> None:
