@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import fnmatch
 import inspect
 import os
 from collections.abc import Iterator, Sequence
@@ -31,18 +30,16 @@ __all__ = ["ModeEntry", "Registry", "registry", "use_registry"]
 ENTRY_POINT_GROUP = "mixprec"
 LOAD_ENV = "MIXPREC_LOAD_PLUGINS"
 
-#: First-party modes and the distribution that provides them, for install hints.
-FIRST_PARTY: dict[str, tuple[str, ...]] = {
-    "mixprec-bnb": ("nf4*", "fp4*", "int8*", "adam8bit", "adamw8bit", "paged-*"),
-    "mixprec-te": ("transformer-engine*",),
-    "mixprec-torchao": ("fp8-*", "ao-*"),
+#: The one place the core names plugin modes: first-party modes and the distribution
+#: that provides each, for the "pip install" hint of an unknown mode. Each first-party
+#: plugin's tests check that it provides exactly the names given here for it.
+FIRST_PARTY_MODES: dict[str, str] = {
+    **dict.fromkeys(("nf4", "nf4-dq", "fp4", "fp4-dq", "int8", "int8-training", "adam8bit",
+                     "adamw8bit", "paged-adam8bit", "paged-adamw8bit"), "mixprec-bnb"),
+    **dict.fromkeys(("transformer-engine", "transformer-engine-float16"), "mixprec-te"),
+    **dict.fromkeys(("fp8-tensorwise", "fp8-rowwise", "fp8-rowwise-gw-hp", "ao-adamw8bit",
+                     "ao-adamw4bit", "ao-adamw-fp8"), "mixprec-torchao"),
 }
-_FIRST_PARTY_NAMES = (
-    "nf4", "nf4-dq", "fp4", "fp4-dq", "int8", "int8-training", "adam8bit", "adamw8bit",
-    "paged-adam8bit", "paged-adamw8bit", "transformer-engine", "transformer-engine-float16",
-    "fp8-tensorwise", "fp8-rowwise", "fp8-rowwise-gw-hp", "ao-adamw8bit", "ao-adamw4bit",
-    "ao-adamw-fp8",
-)
 
 
 @dataclass(frozen=True)
@@ -60,10 +57,7 @@ class ModeEntry:
 
 def first_party_provider(name: str) -> str | None:
     """The first-party distribution that provides ``name``, if any."""
-    for dist, patterns in FIRST_PARTY.items():
-        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
-            return dist
-    return None
+    return FIRST_PARTY_MODES.get(name)
 
 
 class Registry:
@@ -208,7 +202,7 @@ class Registry:
         available = sorted(self._modes)
         provider = first_party_provider(name)
         message = f"Unknown precision mode {name!r}. Available: {', '.join(available) or 'none'}."
-        close = difflib.get_close_matches(name, [*available, *_FIRST_PARTY_NAMES], n=1)
+        close = difflib.get_close_matches(name, [*available, *FIRST_PARTY_MODES], n=1)
         if close and close[0] != name:
             message += f" Did you mean {close[0]!r}?"
         if provider is not None:

@@ -13,7 +13,9 @@ Plugins (first- and third-party) call these instead of keeping copies::
 - data: :func:`apply_to_float_tensors`, :func:`local_tensor` / :func:`local_tensors`
   (FSDP2 shards);
 - contexts: :func:`build_context` (for ``init_context``), :func:`default_dtype`,
-  :func:`step_in_dtype` (for ``optimizer_step_context``).
+  :func:`step_in_dtype` (for ``optimizer_step_context``);
+- loss scaling: :class:`ScalerConfig`, the loss-scaler options of a mode that scales
+  (``ScalerConfig.option_names()``; ``mixprec.LossScaler(**options)``).
 
 .. versionadded:: 0.2
 """
@@ -23,10 +25,12 @@ from __future__ import annotations
 from ._dtypes import DTYPES, dtype_name, parse_dtype, short_dtype_name
 from ._interface import build_context, default_dtype, step_in_dtype
 from ._match import closest_name, match_module, normalize_patterns
+from ._scaler import ScalerConfig
 from ._tensors import apply_to_float_tensors, cast_floating, device_of, local_tensor, local_tensors
 
 __all__ = [
     "DTYPES",
+    "ScalerConfig",
     "apply_to_float_tensors",
     "build_context",
     "cast_floating",
