@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import mixprec
-from mixprec._conformance import Snapshot
 from mixprec.exceptions import ModeOptionError
 from mixprec.testing import CONTRACTS, ConformanceNet, ContractViolation, ModeConformance
+from mixprec.testing._helpers import Snapshot
 
 pytest_plugins = ["pytester"]
 

@@ -1,5 +1,5 @@
 """The conformance kit's base class: configuration, what the checks build, and
-the plumbing they share (see :mod:`mixprec.testing`)."""
+the plumbing they share (see :mod:`mixprec.testing`; PYTEST_DONT_REWRITE)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 import mixprec
 from mixprec.exceptions import MixprecError
 
-from ._conformance import (
-    CONTRACTS,
+from ._contracts import ContractViolation
+from ._helpers import (
     ConformanceNet,
     Snapshot,
     all_finite,
@@ -22,39 +22,9 @@ from ._conformance import (
     float_tensors,
 )
 
-__all__ = ["ConformanceBase", "ContractViolation"]
+__all__ = ["ConformanceBase"]
 
 _UNKNOWN_OPTION = "mixprec_conformance_no_such_option"
-
-
-class ContractViolation(pytest.fail.Exception):  # type: ignore[misc,name-defined]
-    """A mode broke one of mixprec's contracts (a pytest failure).
-
-    pytest shows only the message (which says what broke and how to fix it),
-    unless the violation was caused by an exception in the mode, whose traceback
-    is then shown too.
-
-    :ivar contract: the contract's name (a key of :data:`CONTRACTS`).
-    :ivar problem: what was observed.
-    :ivar fix: what the mode's author should change.
-    :ivar mode: the mode under test, as given to ``wrap``.
-    """
-
-    def __init__(
-        self, contract: str, problem: str, fix: str, *, mode: str = "",
-        cause: BaseException | None = None,
-    ) -> None:
-        self.contract = contract
-        self.problem = problem
-        self.fix = fix
-        self.mode = mode
-        by = f" by mode {mode!r}" if mode else ""
-        message = (f"mixprec contract '{contract}' ({CONTRACTS.get(contract, '')}) broken{by}: "
-                   f"{problem.rstrip()} Fix: {fix.rstrip()}")
-        super().__init__(message, pytrace=cause is not None)
-
-
-ContractViolation.__module__ = "mixprec.testing"  # where users import it from
 
 
 def _adamw(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:

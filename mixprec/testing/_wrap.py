@@ -1,4 +1,5 @@
-"""Conformance checks of registration, summaries, atomic ``wrap`` and clear errors."""
+"""Conformance checks of registration, summaries, atomic ``wrap`` and clear errors
+(PYTEST_DONT_REWRITE: the kit raises its own messages)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,7 @@ import torch
 import mixprec
 from mixprec.exceptions import MixprecError, ModeOptionError
 
-from ._conformance import (
-    Snapshot,
-    entry_point_imports,
-    entry_point_module,
-    is_plain,
-    requirement_modules,
-    valid_name,
-)
-from ._conformance_base import (
+from ._base import (
     _UNKNOWN_OPTION,
     ConformanceBase,
     _fail_after,
@@ -28,6 +21,14 @@ from ._conformance_base import (
     _InjectedFailure,
     _listing,
     _raw,
+)
+from ._helpers import (
+    Snapshot,
+    entry_point_imports,
+    entry_point_module,
+    is_plain,
+    requirement_modules,
+    valid_name,
 )
 
 __all__ = ["WrapChecks"]

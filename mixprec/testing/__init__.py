@@ -34,17 +34,11 @@ before the plugin was loaded).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
-
-import pytest
-
-import mixprec
-
-from ._conformance import CONTRACTS, ConformanceNet
-from ._conformance_base import ContractViolation
-from ._conformance_train import TrainChecks
-from ._conformance_wrap import WrapChecks
+from ._contracts import CONTRACTS, ContractViolation
+from ._fixtures import mixprec_registry, register_mixprec_plugin
+from ._helpers import ConformanceNet
+from ._train import TrainChecks
+from ._wrap import WrapChecks
 
 __all__ = [
     "CONTRACTS",
@@ -54,34 +48,6 @@ __all__ = [
     "mixprec_registry",
     "register_mixprec_plugin",
 ]
-
-
-# -- fixtures (available with pytest_plugins = ["mixprec.testing"]) -------------------------
-
-
-@pytest.fixture
-def mixprec_registry() -> Iterator[mixprec.Registry]:
-    """A fresh registry holding only the core modes, in use for the test."""
-    with mixprec.use_registry(mixprec.Registry(entry_points=False)) as reg:
-        yield reg
-
-
-@pytest.fixture
-def register_mixprec_plugin(mixprec_registry: mixprec.Registry) -> Iterator[Callable[..., str]]:
-    """``register(plugin, name=None, **kw) -> name``: register a plugin object into
-    the test's fresh registry; every plugin is unregistered after the test."""
-    names: list[str] = []
-
-    def register(plugin: object, name: str | None = None, **kwargs: Any) -> str:
-        registered = mixprec_registry.register(plugin, name=name, **kwargs)
-        names.append(registered)
-        return registered
-
-    try:
-        yield register
-    finally:
-        for name in reversed(names):
-            mixprec_registry.unregister(name)
 
 
 # -- the conformance suite -------------------------------------------------------------------

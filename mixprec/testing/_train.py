@@ -1,4 +1,5 @@
-"""Conformance checks of training, checkpoints, outputs, building and copies."""
+"""Conformance checks of training, checkpoints, outputs, building and copies
+(PYTEST_DONT_REWRITE: the kit raises its own messages)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import torch
 import mixprec
 from mixprec.exceptions import CheckpointError
 
-from ._conformance import all_finite, clone_nested, float_tensors, nested_differences
-from ._conformance_base import ConformanceBase, _InjectedFailure, _listing
+from ._base import ConformanceBase, _InjectedFailure, _listing
+from ._helpers import all_finite, clone_nested, float_tensors, nested_differences
 
 __all__ = ["TrainChecks"]
 

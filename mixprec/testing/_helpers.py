@@ -1,9 +1,9 @@
-"""Helpers of the conformance kit (:mod:`mixprec.testing`): the contract
-names, snapshots of a model and optimizer with a readable diff, the
-default model and data, and the entry-point import probe.
+"""Helpers of the conformance kit (:mod:`mixprec.testing`): snapshots of a
+model and optimizer with a readable diff, the default model and data, and
+the entry-point import probe.
 
 Uses only mixprec's public API, torch and the standard library, like any
-plugin's tests would.
+plugin's tests would. (PYTEST_DONT_REWRITE: the kit raises its own messages.)
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import torch
 import mixprec
 
 __all__ = [
-    "CONTRACTS",
     "ConformanceNet",
     "Snapshot",
     "all_finite",
@@ -32,21 +31,6 @@ __all__ = [
     "nested_differences",
     "requirement_modules",
 ]
-
-#: Contract names used in :class:`ContractViolation`, and where each is stated.
-CONTRACTS: dict[str, str] = {
-    "registration": "hookspecs.mixprec_modes",
-    "atomic wrap": "design.md contract 1",
-    "no poisoned weights": "design.md contract 2",
-    "exact resume": "design.md contract 3",
-    "clear errors": "design.md contract 4",
-    "honest conversions": "design.md contract 5",
-    "output dtype": "README 'Modes in the core': outputs come back in fp32",
-    "init_module": "README 'Build in the target dtype'",
-    "copies": "README 'The training loop': deepcopy, pickle, torch.save",
-    "training": "PrecisionMode.convert_module: trainable parameters keep training",
-    "unwrap": "PrecisionMode.unwrap_module",
-}
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 

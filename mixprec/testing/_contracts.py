@@ -1,0 +1,58 @@
+"""The contracts the conformance kit checks, and the failure that names one.
+
+Every check of :class:`mixprec.testing.ModeConformance` fails with a
+:class:`ContractViolation` carrying one of the names in :data:`CONTRACTS`, so a
+plugin author sees which promise broke and where it is stated.
+(PYTEST_DONT_REWRITE: the kit raises its own messages.)
+"""
+
+from __future__ import annotations
+
+import pytest
+
+__all__ = ["CONTRACTS", "ContractViolation"]
+
+#: Contract names used in :class:`ContractViolation`, and where each is stated.
+CONTRACTS: dict[str, str] = {
+    "registration": "hookspecs.mixprec_modes",
+    "atomic wrap": "design.md contract 1",
+    "no poisoned weights": "design.md contract 2",
+    "exact resume": "design.md contract 3",
+    "clear errors": "design.md contract 4",
+    "honest conversions": "design.md contract 5",
+    "output dtype": "README 'Modes in the core': outputs come back in fp32",
+    "init_module": "README 'Build in the target dtype'",
+    "copies": "README 'The training loop': deepcopy, pickle, torch.save",
+    "training": "PrecisionMode.convert_module: trainable parameters keep training",
+    "unwrap": "PrecisionMode.unwrap_module",
+}
+
+
+class ContractViolation(pytest.fail.Exception):  # type: ignore[misc,name-defined]
+    """A mode broke one of mixprec's contracts (a pytest failure).
+
+    pytest shows only the message (which says what broke and how to fix it),
+    unless the violation was caused by an exception in the mode, whose traceback
+    is then shown too.
+
+    :ivar contract: the contract's name (a key of :data:`CONTRACTS`).
+    :ivar problem: what was observed.
+    :ivar fix: what the mode's author should change.
+    :ivar mode: the mode under test, as given to ``wrap``.
+    """
+
+    def __init__(
+        self, contract: str, problem: str, fix: str, *, mode: str = "",
+        cause: BaseException | None = None,
+    ) -> None:
+        self.contract = contract
+        self.problem = problem
+        self.fix = fix
+        self.mode = mode
+        by = f" by mode {mode!r}" if mode else ""
+        message = (f"mixprec contract '{contract}' ({CONTRACTS.get(contract, '')}) broken{by}: "
+                   f"{problem.rstrip()} Fix: {fix.rstrip()}")
+        super().__init__(message, pytrace=cause is not None)
+
+
+ContractViolation.__module__ = "mixprec.testing"  # where users import it from
