@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.metadata
+import os
+import re
 import threading
 import types
 from pathlib import Path
@@ -628,9 +630,9 @@ def test_the_kit_runs_as_an_opt_in_pytest_plugin(pytester):
     # a contract violation shows its message alone, not the kit's source
     result.stdout.fnmatch_lines([
         "_* TestBroken.test_outputs_have_the_documented_dtype_and_values _*",
-        "mixprec contract 'output dtype' (README 'Modes in the core': outputs come back in "
-        "fp32) broken by mode 'NoFp32Outputs': the wrapped model returned torch.float16 outputs, "
-        "expected torch.float32. Fix: Convert outputs back in convert_output()*",
+        "mixprec contract 'output dtype' (docs/plugin-guide.md#output-dtype) broken by mode "
+        "'NoFp32Outputs': the wrapped model returned torch.float16 outputs, expected "
+        "torch.float32. Fix: Convert outputs back in convert_output()*",
         "_* test_registration_fails_after_registering _*",
     ])
     n_checks = len([n for n in dir(ModeConformance) if n.startswith("test_")])
@@ -651,7 +653,8 @@ def test_the_kit_is_not_loaded_into_other_pytest_runs(pytester):
 
 # -- the plugin-author guide documents the interface and the kit -----------------------------
 
-GUIDE = Path(__file__).resolve().parent.parent / "docs" / "plugin-guide.md"
+REPO = Path(__file__).resolve().parent.parent
+GUIDE = REPO / "docs" / "plugin-guide.md"
 
 
 def _public(cls: type) -> list[str]:
@@ -677,3 +680,49 @@ def test_the_plugin_guide_documents_every_hook_mode_method_and_kit_check():
     missing = {what: [m for m in marks if m not in text] for what, marks in expected.items()}
     assert {k: v for k, v in missing.items() if v} == {}
     assert "`mixprec.PLUGIN_API_VERSION`" in text and "`ModeSpec.api_version`" in text
+
+
+def _anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives the headings of a markdown file (code blocks skipped)."""
+    anchors: set[str] = set()
+    in_code = False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code and (heading := re.match(r"#{1,6} (.+)", line)):
+            base = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+            anchor, n = base, 0
+            while anchor in anchors:
+                n += 1
+                anchor = f"{base}-{n}"
+            anchors.add(anchor)
+    return anchors
+
+
+def test_every_contract_links_to_the_heading_of_the_guide_that_states_it():
+    anchors = _anchors(GUIDE.read_text())
+    for contract, link in CONTRACTS.items():
+        path, _, anchor = link.partition("#")
+        assert path == "docs/plugin-guide.md" and anchor in anchors, (contract, link)
+    # the guide's own links to its headings resolve too
+    internal = re.findall(r"\]\(#([^)]+)\)", GUIDE.read_text())
+    assert internal and [a for a in internal if a not in anchors] == []
+
+
+# Generated or installed files (caches, build outputs, environments) are not the repository's.
+_NOT_SOURCES = {".git", ".tox", ".venv", "__pycache__", "build", "dist", "bench-results",
+                ".pytest_cache", ".ruff_cache", ".mypy_cache"}
+
+
+def test_no_file_refers_to_a_design_document_that_does_not_exist():
+    missing = "design" + ".md"  # spelt apart, so this file does not name it
+    assert not (REPO / missing).exists()
+    mentions = []
+    for dirpath, dirnames, filenames in os.walk(REPO):
+        dirnames[:] = [d for d in dirnames
+                       if d not in _NOT_SOURCES and not d.endswith(".egg-info")]
+        for filename in filenames:
+            path = Path(dirpath, filename)
+            if missing in path.read_bytes().decode("utf-8", "replace"):
+                mentions.append(str(path.relative_to(REPO)))
+    assert mentions == []

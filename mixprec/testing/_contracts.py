@@ -12,19 +12,20 @@ import pytest
 
 __all__ = ["CONTRACTS", "ContractViolation"]
 
-#: Contract names used in :class:`ContractViolation`, and where each is stated.
+#: Contract names used in :class:`ContractViolation`, each with a link to the
+#: heading of mixprec's plugin guide that states it ("Keeping mixprec's contracts").
 CONTRACTS: dict[str, str] = {
-    "registration": "hookspecs.mixprec_modes",
-    "atomic wrap": "design.md contract 1",
-    "no poisoned weights": "design.md contract 2",
-    "exact resume": "design.md contract 3",
-    "clear errors": "design.md contract 4",
-    "honest conversions": "design.md contract 5",
-    "output dtype": "README 'Modes in the core': outputs come back in fp32",
-    "init_module": "README 'Build in the target dtype'",
-    "copies": "README 'The training loop': deepcopy, pickle, torch.save",
-    "training": "PrecisionMode.convert_module: trainable parameters keep training",
-    "unwrap": "PrecisionMode.unwrap_module",
+    "registration": "docs/plugin-guide.md#registration",
+    "atomic wrap": "docs/plugin-guide.md#atomic-wrap",
+    "no poisoned weights": "docs/plugin-guide.md#no-poisoned-weights",
+    "exact resume": "docs/plugin-guide.md#exact-resume",
+    "clear errors": "docs/plugin-guide.md#clear-errors",
+    "honest conversions": "docs/plugin-guide.md#honest-conversions",
+    "output dtype": "docs/plugin-guide.md#output-dtype",
+    "init_module": "docs/plugin-guide.md#init_module",
+    "copies": "docs/plugin-guide.md#copies",
+    "training": "docs/plugin-guide.md#training",
+    "unwrap": "docs/plugin-guide.md#unwrap",
 }
 
 

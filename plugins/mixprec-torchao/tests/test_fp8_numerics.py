@@ -66,8 +66,8 @@ def test_emulated_gemms_match_scaled_mm(mode: str) -> None:
 
 
 def test_rowwise_gw_hp_trains_under_cpu_bf16_autocast_with_fp32_inputs() -> None:
-    """torchao alone fails here in backward ("expected m1 and m2 to have the same dtype",
-    design.md's known quirk); the plugin casts the layer input to the autocast dtype as CUDA
+    """torchao alone fails here in backward ("expected m1 and m2 to have the same dtype", the
+    quirk in the plugin's README); the plugin casts the layer input to the autocast dtype as CUDA
     autocast would, so it trains."""
     model = make_mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
