@@ -1,6 +1,6 @@
 """Shared parts of the benchmark scripts: model, data, interleaved timing, result files.
 
-The scripts train the same small GPT as ``mixprec bench`` (``mixprec._bench_model``)
+The scripts train the same small GPT as ``mixprec bench`` (``mixprec._bench.model``)
 so numbers here and there describe the same workload.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 import mixprec
-from mixprec._bench_model import BenchSize, MarkovTask, lm_loss, parse_size
+from mixprec._bench.model import BenchSize, MarkovTask, lm_loss, parse_size
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -82,7 +82,7 @@ def lm_step(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 def machine(device: str | torch.device) -> dict[str, Any]:
     """Where the numbers were measured."""
-    from mixprec._bench_report import machine_name
+    from mixprec._bench.report import machine_name
 
     dev = torch.device(device)
     return {

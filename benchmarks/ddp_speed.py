@@ -1,6 +1,6 @@
 """Data-parallel speed: N-process DDP (and FSDP2) against one process, same cores.
 
-Trains the bench GPT (``mixprec._bench_model``) on the same global batches: one
+Trains the bench GPT (``mixprec._bench.model``) on the same global batches: one
 process with all the threads, or ``--world`` ranks (gloo on the CPU, NCCL on
 GPUs) each with its share of the threads and of every batch. Launches alternate
 (one process, DDP, FSDP2, one process, …) and each reports per-step wall times
@@ -31,7 +31,7 @@ import _common
 
 import mixprec
 import mixprec.distributed as mpd
-from mixprec._bench_model import BenchGPT, BenchSize
+from mixprec._bench.model import BenchGPT, BenchSize
 
 LR = 3e-3
 

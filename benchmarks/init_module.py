@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
 
 import mixprec
-from mixprec._bench_memory import PeakTracker, StorageCounter, module_tensors
-from mixprec._bench_model import BenchGPT, BenchSize
+from mixprec._bench.memory import PeakTracker, StorageCounter, module_tensors
+from mixprec._bench.model import BenchGPT, BenchSize
 
 DEFAULT_SIZE = "vocab=4096,dim=512,layers=8,heads=8,seq=128"
 TARGET = 1.1

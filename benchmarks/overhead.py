@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
 
 import mixprec
-from mixprec._bench_model import BenchGPT
+from mixprec._bench.model import BenchGPT
 
 MODES = ["32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"]
 TARGET = 1.03

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
 
 import mixprec
-from mixprec._bench_model import BenchGPT, lora_targets
+from mixprec._bench.model import BenchGPT, lora_targets
 
 CORE = ["32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"]
 #: bitsandbytes modes both have, and the compute dtype Lightning accepts for each.

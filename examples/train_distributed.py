@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 import mixprec
 import mixprec.distributed as mpd
-from mixprec._bench_model import BenchGPT, MarkovTask, lm_loss, parse_size
+from mixprec._bench.model import BenchGPT, MarkovTask, lm_loss, parse_size
 
 
 def _options(pairs: list[str]) -> dict[str, Any]:

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import mixprec
-from mixprec._bench_memory import PeakTracker, StorageCounter, module_tensors
-from mixprec._bench_model import PRESETS, BenchGPT, MarkovTask, lora_targets, parse_size
-from mixprec._bench_plan import parse_label, plan, split_labels
-from mixprec._bench_report import plain_table, print_report, progress_bars
-from mixprec._bench_run import BenchConfig, run_bench
+from mixprec._bench.memory import PeakTracker, StorageCounter, module_tensors
+from mixprec._bench.model import PRESETS, BenchGPT, MarkovTask, lora_targets, parse_size
+from mixprec._bench.plan import parse_label, plan, split_labels
+from mixprec._bench.report import plain_table, print_report, progress_bars
+from mixprec._bench.run import BenchConfig, run_bench
 from mixprec._cli import main
 from mixprec.exceptions import UnsupportedDeviceError
 

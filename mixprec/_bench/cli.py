@@ -1,10 +1,10 @@
 """``mixprec bench``: train a small built-in model under every installed mode, side by side.
 
-The command a new user runs first. It trains a small GPT (``_bench_model``) on
+The command a new user runs first. It trains a small GPT (``model``) on
 a synthetic language with a known best loss, under every mode the installed
-plugins provide (``_bench_plan``), interleaved step by step (``_bench_run``),
+plugins provide (``plan``), interleaved step by step (``run``),
 and prints one table of speed, bytes per parameter, peak memory and loss
-(``_bench_report``). Exit status: 0 when every selected mode ran, 1 when one
+(``report``). Exit status: 0 when every selected mode ran, 1 when one
 could not run here (the others still report), 2 for bad arguments.
 """
 
@@ -19,10 +19,10 @@ from collections.abc import Iterator
 
 import torch
 
-from ._bench_model import PRESETS, parse_size
-from ._bench_plan import plan
-from ._bench_report import plot_available, print_report, progress_bars, write_json, write_plot
-from ._bench_run import BenchConfig, run_bench
+from .model import PRESETS, parse_size
+from .plan import plan
+from .report import plot_available, print_report, progress_bars, write_json, write_plot
+from .run import BenchConfig, run_bench
 
 __all__ = ["add_arguments", "run"]
 

@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from ._bench_memory import PeakTracker, StorageCounter, module_tensors, optimizer_tensors
-from ._bench_model import BenchGPT, BenchSize, MarkovTask, lm_loss, lora_targets
-from ._bench_plan import BASELINE, ModeChoice, peft_available
-from ._wrapper import wrap
-from .exceptions import MissingDependencyError, MixprecError, UnsupportedDeviceError
+from .. import wrap
+from ..exceptions import MissingDependencyError, MixprecError, UnsupportedDeviceError
+from .memory import PeakTracker, StorageCounter, module_tensors, optimizer_tensors
+from .model import BenchGPT, BenchSize, MarkovTask, lm_loss, lora_targets
+from .plan import BASELINE, ModeChoice, peft_available
 
 __all__ = ["BenchConfig", "BenchResult", "RowResult", "run_bench"]
 
@@ -90,7 +90,7 @@ class RowResult:
 
 @dataclass
 class BenchResult:
-    """Everything a bench run found; rendered by ``_bench_report``."""
+    """Everything a bench run found; rendered by ``report``."""
 
     config: BenchConfig
     rows: list[RowResult]

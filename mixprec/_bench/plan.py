@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ._registry import registry
+from .. import registry
 
 __all__ = ["BASELINE", "ModeChoice", "parse_modes", "plan"]
 

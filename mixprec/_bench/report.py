@@ -17,9 +17,9 @@ from typing import Any, TextIO
 
 import torch
 
-from ._bench_memory import memory_method
-from ._bench_run import MIB, BenchResult, RowResult, summary_of
-from ._version import __version__
+from .._version import __version__
+from .memory import memory_method
+from .run import MIB, BenchResult, RowResult, summary_of
 
 __all__ = ["COLUMNS", "machine_name", "plain_table", "print_report", "progress_bars", "to_json",
            "write_json", "write_plot"]
