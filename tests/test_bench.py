@@ -6,6 +6,7 @@ import io
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import mixprec
+from mixprec._bench.columns import COLUMNS, Column
 from mixprec._bench.memory import PeakTracker, StorageCounter, module_tensors
 from mixprec._bench.model import PRESETS, BenchGPT, MarkovTask, lora_targets, parse_size
 from mixprec._bench.plan import parse_label, plan, split_labels
-from mixprec._bench.report import plain_table, print_report, progress_bars
-from mixprec._bench.run import BenchConfig, run_bench
+from mixprec._bench.report import plain_table, print_report, progress_bars, to_json
+from mixprec._bench.run import BenchConfig, BenchResult, RowResult, run_bench
 from mixprec._cli import main
 from mixprec.exceptions import UnsupportedDeviceError
 
@@ -357,3 +359,56 @@ def test_plot_draws_a_png(fresh_registry, tmp_path):
     assert main(["bench", "--size", "tiny", "--steps", "3", "--quiet", "--modes", "bf16-mixed",
                  "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+# -- the columns, as data ----------------------------------------------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_column_headers() -> list[str]:
+    """The first cells of the column table in the README's ``mixprec bench`` section;
+    a grouped row (``weights / grads / optim B/p``) stands for one header per name, each
+    with the unit after the last name."""
+    section = README.read_text().split("## Run it: `mixprec bench`", 1)[1].split("\n## ", 1)[0]
+    table = section.split("| column | meaning |", 1)[1].split("\n\n", 1)[0]
+    headers = []
+    for line in table.strip().splitlines()[1:]:  # after the |---| line
+        names = [n.strip() for n in line.split("|")[1].split(" / ")]
+        last, _, unit = names[-1].partition(" ") if len(names) > 1 else (names[-1], "", "")
+        headers += [f"{n} {unit}".strip() for n in [*names[:-1], last]]
+    return headers
+
+
+def test_the_readme_column_table_lists_exactly_the_columns():
+    assert _readme_column_headers() == [c.header for c in COLUMNS], (
+        "README.md's column table (section 'Run it: `mixprec bench`') and "
+        "mixprec/_bench/columns.py's COLUMNS differ; give every Column one row there, in order")
+    assert len({c.key for c in COLUMNS}) == len({c.json for c in COLUMNS}) == len(COLUMNS)
+
+
+def test_a_new_column_is_one_entry_in_the_list():
+    ok = RowResult("bf16-true", "bf16-true", "full", False, params=10, step_ms=12.0, speed=0.5,
+                   weight_bytes=20, grad_bytes=20, optimizer_bytes=40, final_loss=2.0,
+                   loss_gap=0.1, loss_gap_pct=5.0, summary="bf16-true: 3 tensors")
+    failed = RowResult("nf5", "nf5", "full", False, status="error", error="Unknown mode", params=10)
+    result = BenchResult(BenchConfig(size=TINY, steps=3, seed=0, device=torch.device("cpu")),
+                         [ok, failed], [], 1.0, [])
+    extra = Column("tensors", "summary len", "length of the summary line (test)",
+                   lambda r: len(r.summary), json="summary_len")
+    COLUMNS.append(extra)
+    try:
+        lines = plain_table(result).splitlines()
+        header = next(line for line in lines if line.startswith("mode "))
+        assert header.endswith("skipped  summary len")
+        assert next(line for line in lines if line.startswith("bf16-true")).endswith("  20")
+        assert next(line for line in lines if line.startswith("nf5")).endswith("failed")
+        data = to_json(result)
+        assert data["columns"]["tensors"] == "length of the summary line (test)"
+        assert [r["summary_len"] for r in data["rows"]] == [20, 0]
+    finally:
+        COLUMNS.remove(extra)
+    assert "summary len" not in plain_table(result)
+    assert list(to_json(result)["columns"]) == [
+        "mode", "run", "step ms", "speed", "weights", "grads", "optim", "state MiB", "peak MiB",
+        "loss", "vs 32-true", "skipped"]

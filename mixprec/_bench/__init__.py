@@ -2,8 +2,9 @@
 
 One idea per module: ``cli`` (arguments, exit status), ``plan`` (which modes run and
 how), ``model`` (the GPT and the synthetic task), ``run`` (interleaved training and
-measurement), ``memory`` (exact byte counts, step peaks) and ``report`` (table, JSON,
-plot, progress bars). ``mixprec._cli`` needs only :func:`add_arguments` and :func:`run`.
+measurement), ``memory`` (exact byte counts, step peaks), ``columns`` (the table's
+columns, as data) and ``report`` (table, JSON, plot, progress bars). ``mixprec._cli``
+needs only :func:`add_arguments` and :func:`run`.
 
 ``mixprec._bench.run`` the attribute is that entry point, the command; the training
 engine is the submodule of the same name: import from it with

@@ -18,27 +18,12 @@ from typing import Any, TextIO
 import torch
 
 from .._version import __version__
+from .columns import COLUMNS
 from .memory import memory_method
 from .run import MIB, BenchResult, RowResult, summary_of
 
-__all__ = ["COLUMNS", "machine_name", "plain_table", "print_report", "progress_bars", "to_json",
+__all__ = ["machine_name", "plain_table", "print_report", "progress_bars", "to_json",
            "write_json", "write_plot"]
-
-#: The table's columns and what they mean (also in the JSON file and the README).
-COLUMNS: dict[str, str] = {
-    "mode": "the mode string (options in brackets)",
-    "run": "full: trained from scratch; LoRA: adapters fine-tuned on a frozen quantized base",
-    "step ms": "median step time (forward, backward, clipping, optimizer step) after warm-up",
-    "speed": "32-true's step time / this mode's, measured in the same run, modes interleaved",
-    "weights": "bytes per parameter of the module's tensors (quantization state included)",
-    "grads": "bytes per parameter of the gradients after backward (fp32 masters' where they exist)",
-    "optim": "bytes per parameter of the optimizer state, fp32 master weights included",
-    "state MiB": "weights + grads + optimizer state",
-    "peak MiB": "training state plus the most one step allocates on top of it",
-    "loss": "final loss on held-out batches (nats/token)",
-    "vs 32-true": "the loss's gap to the 32-true row of the same run kind",
-    "skipped": "steps skipped for inf/NaN gradients (loss scaler)",
-}
 
 
 def machine_name(device: torch.device) -> str:
@@ -52,45 +37,9 @@ def machine_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def _num(value: float, digits: int = 2) -> str:
-    if value >= 100:
-        return f"{value:.0f}"
-    if value >= 10:
-        return f"{value:.1f}"
-    return f"{value:.{digits}f}"
-
-
-def _bpp(row: RowResult, nbytes: int) -> str:
-    value = row.per_param(nbytes)
-    return f"{value:.2f}" if value >= 1 or value == 0 else f"{value:.3f}"
-
-
 def table_rows(result: BenchResult) -> list[list[str]]:
-    """The table as strings, one list per row, columns as in :data:`COLUMNS`."""
-    out = []
-    for r in result.rows:
-        if r.status != "ok":
-            out.append([r.label, r.run, "failed", *[""] * 9])
-            continue
-        gap = "baseline" if r.baseline else (
-            "" if r.loss_gap_pct is None else f"{r.loss_gap_pct:+.1f}%")
-        out.append([
-            r.label, r.run,
-            "" if r.step_ms is None else _num(r.step_ms),
-            "" if r.speed is None else f"{r.speed:.2f}x",
-            _bpp(r, r.weight_bytes), _bpp(r, r.grad_bytes), _bpp(r, r.optimizer_bytes),
-            _num(r.state_bytes / MIB),
-            "" if r.peak_bytes is None else _num(r.peak_bytes / MIB),
-            "" if r.final_loss is None else f"{r.final_loss:.3f}",
-            gap, str(r.skipped_steps),
-        ])
-    return out
-
-
-def _headers() -> list[str]:
-    names = list(COLUMNS)
-    names[4:7] = ["weights B/p", "grads B/p", "optim B/p"]
-    return names
+    """The table as strings, one list per row, one cell per column of :data:`COLUMNS`."""
+    return [[c.cell(r) for c in COLUMNS] for r in result.rows]
 
 
 def header_lines(result: BenchResult) -> list[str]:
@@ -118,13 +67,12 @@ def footer_lines(result: BenchResult) -> list[str]:
 
 def plain_table(result: BenchResult) -> str:
     """The whole report as plain text."""
-    headers, rows = _headers(), table_rows(result)
+    headers, rows = [c.header for c in COLUMNS], table_rows(result)
     widths = [max(len(x) for x in col) for col in zip(headers, *rows)]
-    numeric = set(range(2, len(headers)))
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        return "  ".join(c.rjust(w) if col.numeric else c.ljust(w)
+                         for col, c, w in zip(COLUMNS, cells, widths)).rstrip()
 
     body = [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
     return "\n".join([*header_lines(result), "", *body, "", *footer_lines(result)])
@@ -146,10 +94,9 @@ def print_report(result: BenchResult, out: TextIO | None = None) -> None:
     from rich.text import Text
 
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    for i, name in enumerate(_headers()):
-        title = name if i < 2 else name.replace(" ", "\n", 1)
-        table.add_column(title, justify="left" if i < 2 else "right", no_wrap=i > 0,
-                         overflow="fold")
+    for col in COLUMNS:
+        table.add_column(col.title(), justify="right" if col.numeric else "left",
+                         no_wrap=not col.wrap, overflow="fold")
     for cells, r in zip(table_rows(result), result.rows):
         table.add_row(*(Text(c) for c in cells), style="red" if r.status != "ok" else None)
     console = Console(file=out)
@@ -166,24 +113,7 @@ def print_report(result: BenchResult, out: TextIO | None = None) -> None:
 def to_json(result: BenchResult) -> dict[str, Any]:
     """Everything the table shows, and the per-step losses and times, as plain values."""
     device = result.config.device
-    rows = []
-    for r in result.rows:
-        rows.append({
-            "mode": r.label, "mode_string": r.mode, "run": r.run, "baseline": r.baseline,
-            "status": r.status, "error": r.error, "params": r.params,
-            "step_ms": r.step_ms, "speed": r.speed,
-            "bytes": {"weights": r.weight_bytes, "grads": r.grad_bytes,
-                      "optimizer": r.optimizer_bytes, "state": r.state_bytes,
-                      "peak": r.peak_bytes},
-            "bytes_per_param": {"weights": r.per_param(r.weight_bytes),
-                                "grads": r.per_param(r.grad_bytes),
-                                "optimizer": r.per_param(r.optimizer_bytes)},
-            "state_mib": r.state_bytes / MIB,
-            "peak_mib": None if r.peak_bytes is None else r.peak_bytes / MIB,
-            "final_loss": r.final_loss, "loss_gap": r.loss_gap, "loss_gap_pct": r.loss_gap_pct,
-            "skipped_steps": r.skipped_steps, "losses": r.losses, "step_ms_all": r.step_ms_all,
-            "summary": r.summary,
-        })
+    rows = [_json_row(r) for r in result.rows]
     return {
         "mixprec": __version__, "torch": torch.__version__, "python": platform.python_version(),
         "machine": machine_name(device),
@@ -193,11 +123,32 @@ def to_json(result: BenchResult) -> dict[str, Any]:
                  "loss_floor": result.loss_floor,
                  "uniform_loss": math.log(result.config.size.vocab)},
         "memory_method": memory_method(device),
-        "columns": COLUMNS,
+        "columns": {c.key: c.help for c in COLUMNS},
         "rows": rows,
         "not_run": [{"mode": m, "reason": why} for m, why in result.left_out],
         "notes": result.notes,
     }
+
+
+def _json_row(r: RowResult) -> dict[str, Any]:
+    """One row of the JSON file: the value of every column (at its ``json`` place), then
+    what the table leaves out (exact bytes, per-step losses and times)."""
+    row: dict[str, Any] = {}
+    for col in COLUMNS:
+        outer, _, inner = col.json.partition(".")
+        if inner:
+            row.setdefault(outer, {})[inner] = col.value(r)
+        else:
+            row[outer] = col.value(r)
+    row.update({
+        "mode_string": r.mode, "baseline": r.baseline, "status": r.status, "error": r.error,
+        "params": r.params,
+        "bytes": {"weights": r.weight_bytes, "grads": r.grad_bytes,
+                  "optimizer": r.optimizer_bytes, "state": r.state_bytes, "peak": r.peak_bytes},
+        "loss_gap": r.loss_gap, "losses": r.losses, "step_ms_all": r.step_ms_all,
+        "summary": r.summary,
+    })
+    return row
 
 
 def write_json(result: BenchResult, path: str | Path) -> None:
