@@ -23,6 +23,7 @@ from ._interface import (
     default_dtype,
     step_in_dtype,
 )
+from ._options import check_bool
 from ._scaler import LossScaler, ScalerConfig
 from ._tensors import apply_to_float_tensors
 from .exceptions import ModeOptionError, UnsupportedDeviceError
@@ -82,19 +83,20 @@ class TruePrecision(_ScalingOptions, PrecisionMode):
         self.dtype = _dtype(dtype, (torch.float32, torch.float64, torch.float16, torch.bfloat16))
         self.name = f"{short_dtype_name(self.dtype)}-true"
         low = self.dtype in (torch.float16, torch.bfloat16)
+        master_weights = check_bool(master_weights, "master_weights")
         if master_weights and not low:
             raise ModeOptionError(
                 f"master_weights=True needs a 16-bit mode; {self.name} already keeps "
                 "parameters at full precision."
             )
-        self.master_weights = bool(master_weights)
+        self.master_weights = master_weights
         self.needs_scaling = self.dtype is torch.float16
         if optimizer_dtype is None:
             optim = torch.float32 if self.dtype is torch.float16 else self.dtype
         else:
             optim = _dtype(optimizer_dtype, (torch.float32, self.dtype))
         self.optimizer_dtype = optim
-        self.keep_output_dtype = bool(keep_output_dtype)
+        self.keep_output_dtype = check_bool(keep_output_dtype, "keep_output_dtype")
         self._init_scaler_options(self.dtype, scaler_options)
 
     @property
@@ -175,7 +177,7 @@ class MixedPrecision(_ScalingOptions, PrecisionMode):
         self.dtype = _dtype(dtype, (torch.float16, torch.bfloat16))
         self.name = f"{short_dtype_name(self.dtype)}-mixed"
         self.needs_scaling = self.dtype is torch.float16
-        self.keep_output_dtype = bool(keep_output_dtype)
+        self.keep_output_dtype = check_bool(keep_output_dtype, "keep_output_dtype")
         self.device_type = "cpu"
         self._init_scaler_options(self.dtype, scaler_options)
 

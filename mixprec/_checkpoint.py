@@ -12,12 +12,16 @@ with ``torch.load(..., weights_only=True)``::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+import torch
 
 from .exceptions import CheckpointError
 
-__all__ = ["FORMAT", "KEY", "check_mode", "find_precision_state", "precision_state",
+__all__ = ["FORMAT", "KEY", "check_mode", "check_module_state", "check_optimizer_state",
+           "check_precision_state", "find_precision_state", "precision_state",
            "split_optimizer_state"]
 
 #: version of the format written
@@ -56,12 +60,179 @@ def find_precision_state(checkpoint: Mapping[str, Any]) -> Any:
     return checkpoint.get(KEY)
 
 
-def check_mode(state: Mapping[str, Any], mode_name: str) -> None:
+def check_mode(state: Any, mode_name: str) -> None:
     """Raise :class:`CheckpointError` if ``state`` was saved in another mode."""
-    mode = state.get("mode")
+    if not isinstance(state, Mapping):
+        raise CheckpointError(
+            f"The checkpoint's {KEY!r} entry is a {type(state).__name__}, not the mapping "
+            "mixprec writes; pass what opt.precision.state_dict() saved."
+        )
+    if "mode" not in state:
+        raise CheckpointError(
+            f"The checkpoint's {KEY!r} entry names no mode, so it was not written by "
+            "mixprec or is damaged; pass what opt.precision.state_dict() saved, or load only "
+            "the model weights with model.load_state_dict()."
+        )
+    mode = state["mode"]
     if mode != mode_name:
         raise CheckpointError(
             f"The checkpoint was saved in mode {mode!r} but this wrapper runs "
             f"{mode_name!r}; wrap with mode={mode!r} to resume it, or load only the "
             "model weights with model.load_state_dict()."
         )
+
+
+#: Per-parameter optimizer state that has the parameter's shape (torch's optimizers,
+#: bitsandbytes' state1/state2, torchao's low-bit states).
+_PARAM_SHAPED = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer",
+                           "square_avg", "grad_avg", "acc_delta", "sum", "ax", "prev",
+                           "state1", "state2"})
+
+
+def _where(path: str) -> str:
+    return f" (at {path})" if path else ""
+
+
+def _fail(what: str, path: str = "") -> CheckpointError:
+    return CheckpointError(
+        f"The checkpoint cannot be loaded: {what}{_where(path)}; nothing was changed. Pass a "
+        "checkpoint saved by opt.precision.state_dict() in the same mode and for the same model."
+    )
+
+
+def _int(state: Mapping[str, Any], key: str, path: str, minimum: int) -> None:
+    value = state.get(key, minimum)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _fail(f"{key} must be an integer >= {minimum}, got {value!r}", f"{path}.{key}")
+
+
+def check_precision_state(
+    state: Any, *, mode_name: str, options: Mapping[str, Any], has_scaler: bool,
+    resumable: Iterable[str] = (),
+) -> None:
+    """Validate a ``"mixprec"`` entry against the wrapper about to load it.
+
+    :param options: the loading wrapper's mode options; the saved ones must be equal,
+        except for the names in ``resumable`` (loss-scaler dynamics that may change
+        on resume: the loading wrapper's values then apply).
+    :param has_scaler: the loading mode scales the loss (the entry must hold a scaler).
+    """
+    check_mode(state, mode_name)
+    version = state.get("format")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise _fail(f"unknown checkpoint format {version!r}", f"{KEY}.format")
+    if version > FORMAT:
+        raise CheckpointError(
+            f"The checkpoint was written in format {version} by a newer mixprec; this "
+            f"mixprec reads format {FORMAT} and older: upgrade mixprec to load it."
+        )
+    saved = state.get("options", {})
+    if not isinstance(saved, Mapping):
+        raise _fail(f"options must be a mapping, got {type(saved).__name__}", f"{KEY}.options")
+    skip = set(resumable)
+    mine = {k: v for k, v in options.items() if k not in skip}
+    theirs = {k: v for k, v in saved.items() if k not in skip}
+    if mine != theirs:
+        differ = sorted(k for k in {*mine, *theirs} if mine.get(k, "<default>")
+                        != theirs.get(k, "<default>"))
+        raise CheckpointError(
+            f"The checkpoint was saved in mode {mode_name!r} with options {dict(theirs)} but "
+            f"this wrapper runs it with {dict(mine)} ({', '.join(differ)} differ); wrap with "
+            "the checkpoint's options to resume it. Only the loss-scaler options "
+            f"{', '.join(sorted(skip)) or '(none)'} may change on resume."
+        )
+    for key in ("steps", "skipped_steps"):
+        _int(state, key, KEY, 0)
+    mode_state = state.get("mode_state") or {}
+    if not isinstance(mode_state, Mapping):
+        raise _fail("mode_state must be a mapping", f"{KEY}.mode_state")
+    scaler = state.get("scaler")
+    if has_scaler:
+        _check_scaler(scaler)
+
+
+def _check_scaler(scaler: Any) -> None:
+    path = f"{KEY}.scaler"
+    if not isinstance(scaler, Mapping):
+        raise _fail("the mode scales the loss but the checkpoint holds no loss-scaler state",
+                    path)
+    for key in ("scale", "growth_tracker", "hysteresis_left"):
+        if key not in scaler:
+            raise _fail(f"the loss-scaler state has no {key!r}", path)
+    scale = scaler["scale"]
+    if (isinstance(scale, bool) or not isinstance(scale, (int, float))
+            or not math.isfinite(scale) or scale <= 0):
+        raise _fail(f"the loss scale must be a positive finite number, got {scale!r}",
+                    f"{path}.scale")
+    _int(scaler, "growth_tracker", path, 0)
+    _int(scaler, "hysteresis_left", path, 1)
+
+
+def check_module_state(expected: Mapping[str, Any], given: Any, strict: bool) -> None:
+    """Validate a model state dict against the one the wrapped model would write:
+    keys (where ``strict``), tensor shapes, and floating point against integer."""
+    if not isinstance(given, Mapping):
+        raise _fail(f"the model state is a {type(given).__name__}, not a mapping", "model")
+    if strict:
+        missing = [k for k in expected if k not in given]
+        unexpected = [k for k in given if k not in expected]
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing {_few(missing)}")
+            if unexpected:
+                parts.append(f"unexpected {_few(unexpected)}")
+            raise _fail("the model's keys differ: " + "; ".join(parts) +
+                        " (load with strict=False to allow that)", "model")
+    for key, value in given.items():
+        want = expected.get(key)
+        if not (torch.is_tensor(value) and torch.is_tensor(want)):
+            continue
+        if value.shape != want.shape:
+            raise _fail(f"shape {tuple(value.shape)} where the model has {tuple(want.shape)}",
+                        f"model.{key}")
+        if value.is_floating_point() != want.is_floating_point():
+            raise _fail(f"dtype {value.dtype} where the model has {want.dtype}", f"model.{key}")
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, given: Any) -> None:
+    """Validate an optimizer state dict (without its ``"mixprec"`` entry) against
+    ``optimizer``: groups, parameters per group, and per-parameter state shapes."""
+    if not isinstance(given, Mapping):
+        raise _fail(f"the optimizer state is a {type(given).__name__}, not a mapping",
+                    "optimizer")
+    for key in ("state", "param_groups"):
+        if key not in given:
+            raise _fail(f"the optimizer state has no {key!r}", "optimizer")
+    groups, state = given["param_groups"], given["state"]
+    if not isinstance(state, Mapping) or not isinstance(groups, list) or not all(
+            isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups):
+        raise _fail("'state' must be a mapping and 'param_groups' a list of groups with "
+                    "'params'", "optimizer")
+    mine = optimizer.param_groups
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in mine]:
+        raise _fail(f"parameter groups of sizes {[len(g['params']) for g in groups]} where "
+                    f"the optimizer has {[len(g['params']) for g in mine]}", "optimizer")
+    params = {i: p for g, mg in zip(groups, mine) for i, p in zip(g["params"], mg["params"])}
+    for index, entry in state.items():
+        path = f"optimizer.state[{index!r}]"
+        if index not in params:
+            raise _fail("state for a parameter no group holds", path)
+        if not isinstance(entry, Mapping):
+            raise _fail(f"a {type(entry).__name__}, not a mapping", path)
+        p = params[index]
+        live = optimizer.state.get(p, {})
+        for key, value in entry.items():
+            if not torch.is_tensor(value):
+                continue
+            want = live.get(key)
+            shape = (tuple(want.shape) if torch.is_tensor(want)
+                     else tuple(p.shape) if key in _PARAM_SHAPED else None)
+            if shape is not None and tuple(value.shape) != shape:
+                raise _fail(f"shape {tuple(value.shape)} where {shape} is needed",
+                            f"{path}[{key!r}]")
+
+
+def _few(keys: list[str]) -> str:
+    return ", ".join(repr(k) for k in keys[:5]) + (f" and {len(keys) - 5} more"
+                                                      if len(keys) > 5 else "")

@@ -83,6 +83,12 @@ class ScalerConfig:
         """The option names, in order."""
         return tuple(f.name for f in dataclasses.fields(cls))
 
+    @classmethod
+    def resumable_options(cls) -> tuple[str, ...]:
+        """Options that may change when a checkpoint is resumed (the new values apply
+        from then on); the others must match the checkpoint's."""
+        return tuple(name for name in cls.option_names() if name != "init_scale")
+
     def as_dict(self) -> dict[str, Any]:
         """Every option as a plain value."""
         return dataclasses.asdict(self)
@@ -148,8 +154,14 @@ class LossScaler:
             **self.config(),
         }
 
+    def resume(self, state: Mapping[str, Any]) -> None:
+        """Restore the scale and its counters from a :meth:`state_dict`, keeping this
+        scaler's own options (those of the run that resumes)."""
+        self.load_state_dict({**state, **self.config()})
+        self._hysteresis_left = min(self._hysteresis_left, self.hysteresis)
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`."""
+        """Restore a :meth:`state_dict` (the options saved in it included)."""
         try:
             self.scale = float(state["scale"])
             self._growth_tracker = int(state["growth_tracker"])

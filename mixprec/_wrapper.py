@@ -16,14 +16,16 @@ from ._interface import FSDPPlan, OptimizerMode, PrecisionMode
 from ._master import MasterWeights
 from ._module import _WRAPPED, WrappedModule, is_wrapped
 from ._optimizer import WrappedOptimizer
+from ._options import check_bool, check_number
 from ._registry import registry
-from ._scaler import non_finite_found, unscale_and_check
+from ._scaler import ScalerConfig, non_finite_found, unscale_and_check
 from ._sync import DistributedSync
 from ._tensors import local_tensor
 from .exceptions import (
     AlreadyWrappedError,
     BackwardError,
     CheckpointError,
+    MixprecError,
     MixprecWarning,
     OptimizerMismatchError,
     WrapError,
@@ -56,11 +58,12 @@ class PrecisionWrapper:
         self, mode: ModeLike = "32-true", *, skip_nonfinite: bool = True,
         collapse_patience: int = 50, **options: Any,
     ) -> None:
+        self.skip_nonfinite = check_bool(skip_nonfinite, "skip_nonfinite")
+        self.collapse_patience = check_number(collapse_patience, "collapse_patience",
+                                              minimum=1, integer=True)
         self.precision_mode, self.optimizer_modes = registry().build(mode, options)
         self.mode_name = "+".join([self.precision_mode.name, *(m.name for m in self.optimizer_modes)])
         self.scaler = self.precision_mode.create_scaler()
-        self.skip_nonfinite = skip_nonfinite
-        self.collapse_patience = int(collapse_patience)
         self.module: WrappedModule | None = None
         self.optimizer: WrappedOptimizer | None = None
         self.masters: MasterWeights | None = None
@@ -372,6 +375,7 @@ class PrecisionWrapper:
                 "load_state_dict(assign=True) would replace the wrapped parameters; "
                 "load with assign=False (the default)."
             )
+        _checkpoint.check_module_state(self._module_state_dict(), state, strict)
         result = self.precision_mode.load_module_state_dict(inner, state, strict)
         if self.masters is not None:
             self.masters.load_from(dict(inner.named_parameters(remove_duplicate=False)), state)
@@ -386,14 +390,30 @@ class PrecisionWrapper:
             mode_state=self.precision_mode.state_dict(),
         )
 
+    def check_precision_state(self, state: Any) -> None:
+        """Raise :class:`CheckpointError` unless ``state`` can be loaded by
+        :meth:`load_precision_state`: same mode and options (loss-scaler dynamics
+        may differ: this wrapper's apply), valid scaler values, a known format."""
+        _checkpoint.check_precision_state(
+            state, mode_name=self.mode_name, options=self.precision_mode.options(),
+            has_scaler=self.scaler is not None, resumable=ScalerConfig.resumable_options(),
+        )
+        saved = state.get("scaler") if self.scaler is not None else None
+        if saved is not None:  # damaged options are a damaged checkpoint, even if unused
+            try:
+                ScalerConfig(**{k: saved[k] for k in ScalerConfig.option_names() if k in saved})
+            except MixprecError as exc:
+                raise CheckpointError(f"The checkpoint's loss-scaler state is damaged: {exc} "
+                                      "Nothing was changed.") from None
+
     def load_precision_state(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`precision_state` saved in this mode."""
-        _checkpoint.check_mode(state, self.mode_name)
-        if self.scaler is not None and state.get("scaler") is not None:
-            self.scaler.load_state_dict(state["scaler"])
+        """Restore a :meth:`precision_state` saved in this mode (validated first)."""
+        self.check_precision_state(state)
+        self.precision_mode.load_state_dict(state.get("mode_state") or {})
+        if self.scaler is not None:
+            self.scaler.resume(state["scaler"])
         self.steps = int(state.get("steps", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.precision_mode.load_state_dict(state.get("mode_state") or {})
 
     def param_name(self, param: torch.Tensor) -> str:
         """The dotted name of the model parameter ``param`` is (or is the master of)."""
@@ -408,11 +428,14 @@ class PrecisionWrapper:
     def _load_optimizer_state_dict(self, state: Mapping[str, Any]) -> None:
         assert self.optimizer is not None
         state, extra = _checkpoint.split_optimizer_state(state)
-        if extra is not None:
-            self.load_precision_state(extra)  # checks the mode before touching anything
         inner = self.optimizer.optimizer
+        if extra is not None:
+            self.check_precision_state(extra)
+        _checkpoint.check_optimizer_state(inner, state)
         with self.precision_mode.optimizer_step_context(inner):
-            inner.load_state_dict(state)
+            inner.load_state_dict(state)  # all or nothing in torch: validated first
+        if extra is not None:
+            self.load_precision_state(extra)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything to resume exactly: model (fp32 masters where they exist),
@@ -426,21 +449,33 @@ class PrecisionWrapper:
         return out
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
-        """Restore a :meth:`state_dict` into this (freshly) wrapped pair."""
+        """Restore a :meth:`state_dict` into this (freshly) wrapped pair.
+
+        All or nothing: the whole checkpoint (mode, options, scaler values, model keys
+        and shapes, optimizer groups and state shapes) is validated before anything
+        changes; any problem is a :class:`CheckpointError` saying what and where.
+        """
         assert self.module is not None
-        if "model" not in state:
+        if not isinstance(state, Mapping) or "model" not in state:
             raise CheckpointError(
                 "This is not a mixprec checkpoint (no 'model' entry); load model and optimizer "
                 "state dicts separately with model.load_state_dict() / opt.load_state_dict()."
             )
         extra = _checkpoint.find_precision_state(state)
         if extra is not None:
-            _checkpoint.check_mode(extra, self.mode_name)  # before anything is loaded
-        self.module.load_state_dict(state["model"], strict=strict)
+            self.check_precision_state(extra)
+        _checkpoint.check_module_state(self._module_state_dict(), state["model"], strict)
+        optim = None
         if self.optimizer is not None and "optimizer" in state:
+            optim, _ = _checkpoint.split_optimizer_state(state["optimizer"])
+            _checkpoint.check_optimizer_state(self.optimizer.optimizer, optim)
+        # Validated: apply, the model last (torch's module load is not atomic itself).
+        if optim is not None:
+            assert self.optimizer is not None
             self.optimizer.load_state_dict(state["optimizer"])
-        elif _checkpoint.KEY in state:
-            self.load_precision_state(state[_checkpoint.KEY])
+        elif extra is not None:
+            self.load_precision_state(extra)
+        self.module.load_state_dict(state["model"], strict=strict)
 
 
 # -- module-level API -------------------------------------------------------------------
