@@ -10,15 +10,25 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 
 if TYPE_CHECKING:
     from ._scaler import LossScaler
+    from ._wrapper import PrecisionWrapper
 
-__all__ = ["TAGS", "FSDPPlan", "ModeSpec", "OptimizerMode", "PrecisionMode", "build_context",
-           "default_dtype", "step_in_dtype"]
+__all__ = [
+    "TAGS",
+    "FSDPPlan",
+    "ModeSpec",
+    "OptimizerMode",
+    "PrecisionMode",
+    "StepHooks",
+    "build_context",
+    "default_dtype",
+    "step_in_dtype",
+]
 
 #: Properties a mode can declare in :attr:`ModeSpec.tags`, read by ``mixprec bench`` and
 #: ``mixprec modes`` instead of mode names.
@@ -59,6 +69,22 @@ class ModeSpec:
     def __post_init__(self) -> None:
         tags = (self.tags,) if isinstance(self.tags, str) else self.tags
         object.__setattr__(self, "tags", frozenset(tags))
+
+
+class StepHooks(Protocol):
+    """What the wrapper calls on an observer of training (``wrap(..., monitor=…)``).
+
+    ``attach`` once after ``wrap`` converted the model; ``before_step`` after the
+    gradients are unscaled and checked, before the inner optimizer steps (also when
+    the step will be skipped: ``wrapper.step_will_be_skipped``); ``after_step`` after
+    the step (taken or skipped) and the loss-scale update.
+    """
+
+    def attach(self, wrapper: PrecisionWrapper) -> None: ...
+
+    def before_step(self, wrapper: PrecisionWrapper) -> None: ...
+
+    def after_step(self, wrapper: PrecisionWrapper, skipped: bool) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import torch
 
 from . import _checkpoint
 from ._convert import atomic, convert_module, match_state_dtypes, remap_optimizer, validate_modes
-from ._interface import FSDPPlan, OptimizerMode, PrecisionMode
+from ._interface import FSDPPlan, OptimizerMode, PrecisionMode, StepHooks
 from ._master import MasterWeights
 from ._module import _WRAPPED, WrappedModule, is_wrapped
 from ._optimizer import WrappedOptimizer
@@ -56,12 +56,14 @@ class PrecisionWrapper:
 
     def __init__(
         self, mode: ModeLike = "32-true", *, skip_nonfinite: bool = True,
-        collapse_patience: int = 50, **options: Any,
+        collapse_patience: int = 50, monitor: StepHooks | None = None, **options: Any,
     ) -> None:
         self.skip_nonfinite = check_bool(skip_nonfinite, "skip_nonfinite")
         self.collapse_patience = check_number(collapse_patience, "collapse_patience",
                                               minimum=1, integer=True)
         self.precision_mode, self.optimizer_modes = registry().build(mode, options)
+        #: an observer of training steps (``mixprec.Monitor``), attached at wrap
+        self.monitor = monitor
         self.mode_name = "+".join([self.precision_mode.name, *(m.name for m in self.optimizer_modes)])
         self.scaler = self.precision_mode.create_scaler()
         self.module: WrappedModule | None = None
@@ -140,6 +142,8 @@ class PrecisionWrapper:
         self.module = WrappedModule(model, self)
         if inner_opt is not None:
             self.optimizer = WrappedOptimizer(inner_opt, self)
+        if self.monitor is not None:
+            self.monitor.attach(self)
         logger.info("mixprec: wrapped with %s\n%s", self.mode_name, self.summary)
         if self.optimizer is None:
             return self.module
@@ -298,6 +302,8 @@ class PrecisionWrapper:
             self._after_step(found_inf=False)
             return result
         self.unscale_()
+        if self.monitor is not None:
+            self.monitor.before_step(self)
         result: Any = None
         if self._found_inf:
             self._record_skip()
@@ -318,6 +324,13 @@ class PrecisionWrapper:
         self._backward_calls = 0
         self._unscaled = False
         self._found_inf = False
+        if self.monitor is not None:
+            self.monitor.after_step(self, found_inf)
+
+    @property
+    def step_will_be_skipped(self) -> bool:
+        """After unscaling: True if this step's gradients hold inf/NaN (it is skipped)."""
+        return self._found_inf
 
     def _record_skip(self) -> None:
         self.skipped_steps += 1
