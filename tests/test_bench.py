@@ -17,7 +17,7 @@ import mixprec
 from mixprec._bench.columns import COLUMNS, Column
 from mixprec._bench.memory import PeakTracker, StorageCounter, module_tensors
 from mixprec._bench.model import PRESETS, BenchGPT, MarkovTask, lora_targets, parse_size
-from mixprec._bench.plan import parse_label, plan, split_labels
+from mixprec._bench.plan import parse_label, peft_available, plan, split_labels
 from mixprec._bench.report import plain_table, print_report, progress_bars, to_json
 from mixprec._bench.run import BenchConfig, BenchResult, RowResult, run_bench
 from mixprec._cli import main
@@ -82,7 +82,8 @@ class CudaOnly(mixprec.PrecisionMode):
 class _TestModes:
     @mixprec.hookimpl
     def mixprec_modes(self) -> list[mixprec.ModeSpec]:
-        return [mixprec.ModeSpec("int8", FrozenInt8, "frozen int8 (test)"),
+        return [mixprec.ModeSpec("int8", FrozenInt8, "frozen int8 (test)", api_version=2,
+                                 tags={"frozen-weights"}),
                 mixprec.ModeSpec("frozen-int8", FrozenInt8, "frozen int8, unknown name (test)"),
                 mixprec.ModeSpec("cuda-only", CudaOnly, "needs CUDA (test)", requires="CUDA")]
 
@@ -125,12 +126,17 @@ def test_size_presets_and_explicit_dims():
     assert tied.head.weight is tied.tok.weight
 
 
-def test_mode_labels_carry_options_and_classify_frozen_modes():
+def test_mode_labels_carry_options_and_classify_frozen_modes(test_modes):
     assert split_labels("a,b[x=1,y=2]+c, d") == ["a", "b[x=1,y=2]+c", "d"]
     choice = parse_label("bf16-true[master_weights=True]+adamw8bit")
     assert (choice.mode, choice.options, choice.lora) == (
         "bf16-true+adamw8bit", {"master_weights": True}, False)
-    assert parse_label("nf4-dq+paged-adamw8bit").lora and parse_label("int8").lora
+    # frozen weights are read from the mode's tags, not its name: int8 declares
+    # frozen-weights, frozen-int8 declares nothing (it is found freezing at wrap), and of a
+    # mode that is not installed nothing is known
+    assert parse_label("int8").lora and parse_label("int8+adamw-any").lora
+    assert not parse_label("frozen-int8").lora
+    assert not parse_label("nf4-dq+paged-adamw8bit").lora
     assert not parse_label("int8-training").lora
     assert "not key=value" in parse_label("bf16-true[oops]").error
 
@@ -226,7 +232,8 @@ def test_a_mode_that_cannot_run_fails_the_exit_code_while_others_report(
     assert failed["status"] == "error" and "Available:" in failed["error"]
     # a first-party mode that is not installed names the distribution to install
     code, data = _bench(tmp_path, "--steps", "3", "--modes", "nf4-dq")
-    assert code == 1 and "pip install mixprec-bnb" in _row(data, "nf4-dq", "LoRA")["error"]
+    # (not installed, so nothing says it freezes weights: a full row)
+    assert code == 1 and "pip install mixprec-bnb" in _row(data, "nf4-dq")["error"]
 
 
 def test_default_run_leaves_out_what_this_device_cannot_run(test_modes, tmp_path, capsys):
@@ -248,6 +255,89 @@ def test_bad_arguments_exit_2_with_the_fix(fresh_registry, capsys):
     assert "use at least 3" in capsys.readouterr().err
     assert main(["bench", "--device", "nonsense"]) == 2
     assert "use cpu or cuda" in capsys.readouterr().err
+
+
+# -- the plan decides by tags, never by mode names ---------------------------------------------
+
+
+class _Unchanged(mixprec.PrecisionMode):
+    """Trains as 32-true on any device: only its tags can keep it out of a default run."""
+
+
+class _UnchangedOptimizer(mixprec.OptimizerMode):
+    pass
+
+
+class _TaggedModes:
+    @mixprec.hookimpl
+    def mixprec_modes(self) -> list[mixprec.ModeSpec]:
+        return [
+            mixprec.ModeSpec("quant-x", FrozenInt8, "frozen int8 (test)", api_version=2,
+                             tags={"frozen-weights"}),
+            mixprec.ModeSpec("slow-x", _Unchanged, "slow on a CPU (test)", api_version=2,
+                             tags={"slow-on-cpu"}),
+            mixprec.ModeSpec("gpu-x", _Unchanged, "needs CUDA (test)", api_version=2,
+                             requires="CUDA, sm90", tags={"cuda-only"}),
+            mixprec.ModeSpec("gpu-opt", _UnchangedOptimizer, "needs CUDA (test)",
+                             kind="optimizer", requires="CUDA", api_version=2,
+                             tags={"cuda-only"}),
+        ]
+
+
+@pytest.fixture
+def tagged_modes(fresh_registry):
+    fresh_registry.register(_TaggedModes(), name="bench-tagged-modes")
+    yield fresh_registry
+    fresh_registry.unregister("bench-tagged-modes")
+
+
+def test_default_run_leaves_out_modes_by_their_tags(tagged_modes):
+    cpu = torch.device("cpu")
+    rows, left_out = plan(None, cpu)
+    reasons = dict(left_out)
+    if peft_available():
+        assert [(c.label, c.run) for c in rows][-2:] == [("32-true", "LoRA"), ("quant-x", "LoRA")]
+    else:  # tagged frozen-weights: a LoRA run, which needs peft
+        assert "needs peft" in reasons.pop("quant-x")
+    assert {"slow-x", "gpu-x", "32-true+gpu-opt"} == set(reasons)
+    assert reasons["slow-x"] == (
+        "on a CPU, FP8 matmuls run through torch._scaled_mm's slow reference path; left out of "
+        "the default run to keep it short: name it in --modes to run it")
+    for label in ("gpu-x", "32-true+gpu-opt"):  # left out without trying wrap (it would work)
+        assert reasons[label].startswith("needs a CUDA GPU")
+    assert reasons["gpu-x"].startswith("needs a CUDA GPU (CUDA, sm90), and ")
+    if not torch.cuda.is_available():
+        assert reasons["gpu-x"].endswith(
+            "torch finds no CUDA device here: run the bench on a machine with one")
+    else:
+        assert reasons["gpu-x"].endswith("the bench runs on cpu: use --device cuda")
+    # named in --modes, every mode is attempted
+    rows, left_out = plan("gpu-x,slow-x,32-true+gpu-opt,quant-x", cpu)
+    assert left_out == [] and [(c.label, c.run) for c in rows] == [
+        ("32-true", "full"), ("gpu-x", "full"), ("slow-x", "full"), ("32-true+gpu-opt", "full"),
+        ("32-true", "LoRA"), ("quant-x", "LoRA")]
+
+
+def test_modes_named_in_modes_run_whatever_their_tags(tagged_modes, tmp_path):
+    code, data = _bench(tmp_path, "--steps", "3", "--modes", "gpu-x,slow-x")
+    assert code == 0 and data["not_run"] == []
+    assert [(r["mode"], r["status"]) for r in data["rows"]] == [
+        ("32-true", "ok"), ("gpu-x", "ok"), ("slow-x", "ok")]
+
+
+def test_labels_follow_the_mode_string_grammar(tagged_modes, tmp_path, capsys):
+    choice = parse_label("bf16-true[master_weights=true]+gpu-opt")
+    assert (choice.mode, choice.options, choice.tags) == (
+        "bf16-true+gpu-opt", {"master_weights": True}, frozenset({"cuda-only"}))
+    assert parse_label("32-true+gpu-opt[lr_scale=2]").mode == "32-true+gpu-opt[lr_scale=2]"
+    # a label that breaks the grammar is a failed row with the reason, not a crash
+    code, data = _bench(tmp_path, "--steps", "3", "--modes", "bf16-mixed,Bf16-true,bf16-true[oops]")
+    assert code == 1
+    assert _row(data, "bf16-mixed")["status"] == "ok"
+    assert "write lower-case mode names" in _row(data, "Bf16-true")["error"]
+    assert "'oops' is not key=value" in _row(data, "bf16-true[oops]")["error"]
+    assert "FAILED: Bf16-true (full): Mode string 'Bf16-true' has the part" in (
+        capsys.readouterr().out)
 
 
 # -- frozen quantized weights: LoRA fine-tunes -------------------------------------------------
@@ -275,7 +365,7 @@ def test_frozen_weight_modes_run_as_lora_fine_tunes(test_modes, tmp_path, capsys
     assert "LoRA rows: quantized weights are frozen" in out
     rows = [(r["mode"], r["run"]) for r in data["rows"]]
     assert rows[:3] == [("32-true", "full"), ("bf16-mixed", "full"), ("32-true", "LoRA")]
-    # int8 is known by name; frozen-int8 is found freezing the weights at wrap
+    # int8 is known by its tag; frozen-int8 is found freezing the weights at wrap
     assert sorted(rows[3:]) == [("frozen-int8", "LoRA"), ("int8", "LoRA")]
     lora_params = sum(rank_in_out for rank_in_out in (
         8 * (m.in_features + m.out_features) for n, m in BenchGPT(TINY).named_modules()

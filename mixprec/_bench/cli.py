@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Train a small built-in GPT on a synthetic task under every installed mode, "
         "interleaved, and print step time, speed against 32-true, bytes per parameter, "
         "peak memory, final loss and skipped steps. Modes that freeze quantized weights "
-        "(nf4*, fp4*, int8) run as a LoRA fine-tune.")
+        "(tagged frozen-weights, such as nf4) run as a LoRA fine-tune.")
     parser.add_argument(
         "--modes", default=None, metavar="LIST",
         help="comma-separated modes to run (default: every installed mode this device can "

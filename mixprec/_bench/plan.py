@@ -1,41 +1,36 @@
 """Which modes ``mixprec bench`` runs, and how each one is run.
 
 Every installed precision mode is trained from scratch, optimizer modes are
-joined to ``32-true``, and modes that freeze quantized weights (``nf4*``,
-``fp4*``, ``int8``) are run as a LoRA fine-tune. FP8 modes on a CPU and LoRA
-runs without peft are left out of the default selection with the reason, and
-so is a default mode whose ``wrap`` says it cannot run on this device or lacks
-a library; a mode selected by name is always attempted, and fails loudly.
+joined to ``32-true``, and modes tagged ``frozen-weights`` (quantized, frozen
+weights) are run as a LoRA fine-tune. The plan decides by the tags a mode's
+``ModeSpec`` declares, never by its name: ``slow-on-cpu`` modes on a CPU,
+``cuda-only`` modes without a CUDA device and LoRA runs without peft are left
+out of the default selection with the reason, and so is a default mode without
+such tags whose ``wrap`` says it cannot run on this device or lacks a library. A
+mode selected by name is always attempted, and fails loudly.
 """
 
 from __future__ import annotations
 
-import ast
-import fnmatch
 import importlib.util
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .. import registry
+from .._modestring import format_part, parse_mode_string, split_mode_list
+from ..exceptions import ModeSyntaxError
 
 __all__ = ["BASELINE", "ModeChoice", "parse_modes", "plan"]
 
 BASELINE = "32-true"
-#: Precision modes whose weights are quantized and frozen: benchmarked as LoRA fine-tunes.
-FROZEN_WEIGHT_MODES = ("nf4*", "fp4*", "int8")
-#: Modes that run on a CPU only through a slow reference path (``torch._scaled_mm`` in
-#: float8); modes that cannot run on a CPU at all (Transformer Engine) say so at ``wrap``.
-SLOW_ON_CPU = ("fp8-*",)
 #: The core modes in the order the table shows them; plugin modes follow, sorted.
 CORE_ORDER = ("32-true", "bf16-mixed", "bf16-true", "bf16-true[master_weights=True]",
               "16-mixed", "16-true", "64-true")
-
-_LABEL = re.compile(
-    r"^(?P<prec>[a-z0-9][a-z0-9._-]*)(?:\[(?P<opts>[^\[\]]*)\])?(?P<rest>(?:\+[a-z0-9][a-z0-9._-]*)*)$"
-)
+#: Why a default run leaves out a mode tagged ``slow-on-cpu`` on a CPU.
+SLOW_ON_CPU_REASON = ("on a CPU, FP8 matmuls run through torch._scaled_mm's slow reference path; "
+                      "left out of the default run to keep it short: name it in --modes to run it")
 
 
 @dataclass
@@ -50,6 +45,8 @@ class ModeChoice:
     :param error: why the label could not be read (the row then fails).
     :param explicit: named in ``--modes``; a mode from the default selection that
         says it cannot run on this device is left out instead of failing.
+    :param tags: the tags the installed modes of the mode string declare (see
+        ``mixprec._interface.TAGS``); empty for modes that are not installed.
     """
 
     label: str
@@ -59,6 +56,7 @@ class ModeChoice:
     baseline: bool = False
     error: str | None = None
     explicit: bool = True
+    tags: frozenset[str] = frozenset()
 
     @property
     def run(self) -> str:
@@ -67,47 +65,32 @@ class ModeChoice:
 
 def split_labels(text: str) -> list[str]:
     """Split ``--modes`` on commas outside brackets."""
-    parts, depth, current = [], 0, ""
-    for ch in text:
-        depth += ch == "["
-        depth -= ch == "]"
-        if ch == "," and depth == 0:
-            parts.append(current.strip())
-            current = ""
-        else:
-            current += ch
-    parts.append(current.strip())
-    return [p for p in parts if p]
-
-
-def _value(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+    return split_mode_list(text)
 
 
 def parse_label(label: str) -> ModeChoice:
-    """``"bf16-true[master_weights=True]+adamw8bit"`` -> mode string and options."""
-    match = _LABEL.match(label)
-    if match is None:  # let the registry word the syntax error
-        return ModeChoice(label, label)
-    options: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in (match["opts"] or "").split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip().isidentifier():
-            return ModeChoice(label, label, error=(
-                f"Cannot read the options of {label!r}: {item!r} is not key=value; "
-                "write e.g. 'bf16-true[master_weights=True]'."))
-        options[key.strip()] = _value(value.strip())
-    mode = match["prec"] + match["rest"]
-    return ModeChoice(label, mode, options, lora=freezes_weights(mode))
+    """``"bf16-true[master_weights=True]+adamw8bit"`` -> mode string and options.
+
+    The options of the first part become keyword options of ``wrap``; later parts keep
+    theirs in brackets. A label that does not follow the grammar gives a choice with
+    ``error`` set: its row fails with that message, the other rows still run.
+    """
+    try:
+        parts = parse_mode_string(label)
+    except ModeSyntaxError as exc:
+        return ModeChoice(label, label, error=str(exc))
+    first, rest = parts[0], parts[1:]
+    mode = "+".join([first.name, *(format_part(p.name, p.options) for p in rest)])
+    tags = [_tags(p.name) for p in parts]
+    return ModeChoice(label, mode, dict(first.options), lora="frozen-weights" in tags[0],
+                      tags=frozenset().union(*tags))
 
 
-def freezes_weights(mode: str) -> bool:
-    """True if the precision part of ``mode`` quantizes and freezes the weights."""
-    precision = mode.split("+", 1)[0]
-    return any(fnmatch.fnmatchcase(precision, p) for p in FROZEN_WEIGHT_MODES)
+def _tags(name: str) -> frozenset[str]:
+    """The tags the installed mode ``name`` declares; none if it is not installed (its
+    row then fails at ``wrap``, which says what to install)."""
+    entry = registry().modes().get(name)
+    return frozenset() if entry is None else entry.spec.tags
 
 
 def parse_modes(text: str) -> list[ModeChoice]:
@@ -138,18 +121,27 @@ def default_modes(device: torch.device) -> tuple[list[ModeChoice], list[tuple[st
     for label in labels:
         choice = parse_label(label)
         choice.explicit = False
-        names = choice.mode.split("+")
-        if device.type == "cpu" and any(fnmatch.fnmatchcase(n, p) for n in names
-                                        for p in SLOW_ON_CPU):
-            left_out.append((label, "on a CPU, FP8 matmuls run through torch._scaled_mm's slow "
-                                    "reference path; left out of the default run to keep it "
-                                    "short: name it in --modes to run it"))
+        if device.type != "cuda" and "cuda-only" in choice.tags:
+            left_out.append((label, _cuda_only_reason(choice, device)))
+        elif device.type == "cpu" and "slow-on-cpu" in choice.tags:
+            left_out.append((label, SLOW_ON_CPU_REASON))
         elif choice.lora and not peft_available():
             left_out.append((label, "benchmarked as a LoRA fine-tune, which needs peft: "
                                     "pip install 'mixprec[bench]'"))
         else:
             chosen.append(choice)
     return chosen, left_out
+
+
+def _cuda_only_reason(choice: ModeChoice, device: torch.device) -> str:
+    """Why a mode tagged ``cuda-only`` is not run on ``device``, with what it requires."""
+    entries = registry().modes()
+    specs = [entries[p.name].spec for p in parse_mode_string(choice.label) if p.name in entries]
+    needs = [s.requires for s in specs if "cuda-only" in s.tags and s.requires not in ("", "CUDA")]
+    what = "needs a CUDA GPU" + "".join(f" ({r})" for r in needs)
+    if torch.cuda.is_available():
+        return f"{what}, and the bench runs on {device}: use --device cuda"
+    return f"{what}, and torch finds no CUDA device here: run the bench on a machine with one"
 
 
 def plan(
