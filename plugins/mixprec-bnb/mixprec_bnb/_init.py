@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from mixprec import MixprecWarning
+from mixprec.utils import match_module
 
 from ._layers import QuantConfig, TorchLinear, init_layer_class, is_quantized_layer
-from ._names import match_name
 
 __all__ = ["quantized_init"]
 
@@ -84,7 +84,7 @@ def _finish(tracker: _Tracker, ignore_modules: Sequence[str], config: QuantConfi
     matched: set[str] = set()
     for root in roots:
         for name, module in list(root.named_modules(remove_duplicate=False)):
-            pattern = match_name(name, ignore_modules) if name else None
+            pattern = match_module(name, ignore_modules)
             if pattern is not None:
                 matched.add(pattern)
             if type(module) is not tracker.layer_class or pattern is None:

@@ -9,9 +9,9 @@ import torch
 
 import mixprec
 from mixprec.exceptions import ModeOptionError, UnsupportedDeviceError, WrapError
+from mixprec.utils import match_module, normalize_patterns
 
 from ._deps import require_bitsandbytes
-from ._names import match_name, normalize_patterns
 
 __all__ = ["BitsandbytesOptimizer"]
 
@@ -156,7 +156,7 @@ class BitsandbytesOptimizer(mixprec.OptimizerMode):
             reason = None
             if isinstance(sub, self.module_types):
                 reason = type(sub).__name__
-            elif mod_name and (pattern := match_name(mod_name, self.module_names)):
+            elif pattern := match_module(mod_name, self.module_names):
                 reason = repr(pattern)
             if reason is None:
                 continue

@@ -18,9 +18,17 @@ from mixprec.exceptions import (
     UnsupportedDeviceError,
     WrapError,
 )
+from mixprec.utils import (
+    closest_name,
+    device_of,
+    dtype_name,
+    match_module,
+    normalize_patterns,
+    parse_dtype,
+    short_dtype_name,
+)
 
 from ._deps import require_bitsandbytes
-from ._names import closest_name, match_name, normalize_patterns
 
 __all__ = ["BitsandbytesMode"]
 
@@ -33,27 +41,22 @@ MODES: dict[str, tuple[str, str, bool, bool]] = {
     "int8": ("int8", "int8", False, False),
     "int8-training": ("int8", "int8", False, True),
 }
-_DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "16": torch.float16, "fp16": torch.float16, "float16": torch.float16,
-    "32": torch.float32, "fp32": torch.float32, "float32": torch.float32,
-}
-_STORAGE = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16,
-            "float32": torch.float32}
+#: The compute dtypes (``dtype``): what bitsandbytes' kernels take.
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
-def _dtype_option(value: Any, option: str, allowed: Mapping[str, torch.dtype]) -> torch.dtype:
-    if isinstance(value, torch.dtype) and value in allowed.values():
-        return value
-    if isinstance(value, str) and value in allowed:
-        return allowed[value]
-    names = ", ".join(sorted({str(d).removeprefix("torch.") for d in allowed.values()}))
-    raise ModeOptionError(f"{option}={value!r} is not supported; use one of {names}.")
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def _quant_storage(value: Any) -> torch.dtype:
+    """The ``quant_storage`` option: ``"uint8"`` (bitsandbytes' packing) or a float dtype
+    as :func:`mixprec.utils.parse_dtype` reads it (the packed bytes viewed as that dtype,
+    for FSDP-style flattening with the other parameters)."""
+    if isinstance(value, (str, torch.dtype)) and value in ("uint8", torch.uint8):
+        return torch.uint8
+    try:
+        return parse_dtype(value, COMPUTE_DTYPES, option="quant_storage")
+    except ModeOptionError:
+        names = ", ".join(f"'{short_dtype_name(d)}'" for d in (torch.uint8, *COMPUTE_DTYPES))
+        raise ModeOptionError(f"Unsupported quant_storage {value!r}; use one of {names}.") from None
 
 
 class BitsandbytesMode(mixprec.PrecisionMode):
@@ -70,16 +73,18 @@ class BitsandbytesMode(mixprec.PrecisionMode):
     :param mode: ``"nf4"``, ``"nf4-dq"``, ``"fp4"``, ``"fp4-dq"``, ``"int8"`` or
         ``"int8-training"``.
     :param dtype: compute dtype of the quantized layers (``"bf16"``, ``"16"``,
-        ``"32"`` or a torch dtype); for ``int8-training`` also the dtype its
+        ``"32"`` or a torch dtype, read by :func:`mixprec.utils.parse_dtype`); for
+        ``int8-training`` also the dtype its
         weights are stored and trained in. Default: bf16 where the device
         supports it (CPU, recent GPUs), else fp16; fp16 for the int8 modes on
         CUDA, whose kernels take fp16 inputs.
     :param ignore_modules: dotted module names or globs to leave alone
-        (``{"lm_head"}``, ``"blocks.*.attn"``); a name selects the module and
-        everything inside it. A pattern that matches nothing is an error.
+        (``{"lm_head"}``, ``"blocks.*.attn"``), matched by
+        :func:`mixprec.utils.match_module` as in every mode: a name or glob selects
+        the module and everything inside it. A pattern that matches nothing is an error.
     :param blocksize: 4-bit only: values per quantization block (32 … 4096, default 64).
     :param quant_storage: 4-bit only: dtype the packed data is stored as
-        (``"uint8"`` default; ``"bfloat16"`` etc. for FSDP-style flattening).
+        (``"uint8"`` default; ``"bf16"``, ``"16"``, ``"32"`` for FSDP-style flattening).
     :param master_weights: ``int8-training`` only: keep fp32 master copies of the
         16-bit weights in the optimizer (gradients accumulate and the step runs in fp32).
         Default: on when the weights end up in fp16 (a torch Adam step on fp16 weights
@@ -103,7 +108,7 @@ class BitsandbytesMode(mixprec.PrecisionMode):
         require_bitsandbytes(mode)
         self.name = mode
         self.kind, self.quant_type, self.double_quant, self.trainable = MODES[mode]
-        self.dtype = None if dtype is None else _dtype_option(dtype, "dtype", _DTYPES)
+        self.dtype = None if dtype is None else parse_dtype(dtype, COMPUTE_DTYPES)
         self.ignore_modules = normalize_patterns(ignore_modules, "ignore_modules")
         four_bit = self.kind == "4bit"
         if blocksize is not None:
@@ -122,8 +127,7 @@ class BitsandbytesMode(mixprec.PrecisionMode):
                 f"quant_storage applies to the 4-bit modes only; {mode} stores int8. Drop the option."
             )
         self.blocksize = 64 if blocksize is None else int(blocksize)
-        self.quant_storage = (torch.uint8 if quant_storage is None
-                              else _dtype_option(quant_storage, "quant_storage", _STORAGE))
+        self.quant_storage = torch.uint8 if quant_storage is None else _quant_storage(quant_storage)
         if master_weights and not self.trainable:
             raise ModeOptionError(
                 f"master_weights=True needs trainable weights; {mode} freezes the quantized "
@@ -137,10 +141,10 @@ class BitsandbytesMode(mixprec.PrecisionMode):
         self.master_weights = bool(master_weights)
         self._auto_masters = master_weights is None and self.trainable
         self._options = {
-            "dtype": None if dtype is None else _dtype_name(self.dtype),  # type: ignore[arg-type]
+            "dtype": None if dtype is None else dtype_name(self.dtype),  # type: ignore[arg-type]
             "ignore_modules": list(self.ignore_modules) or None,
             "blocksize": blocksize,
-            "quant_storage": None if quant_storage is None else _dtype_name(self.quant_storage),
+            "quant_storage": None if quant_storage is None else dtype_name(self.quant_storage),
             "master_weights": True if master_weights else None,
         }
         self.compute_dtype: torch.dtype | None = self.dtype
@@ -215,7 +219,7 @@ class BitsandbytesMode(mixprec.PrecisionMode):
             for p in sub._parameters.values():
                 if p is not None:
                     owners.setdefault(id(p), set()).add(id(sub))
-            if name and (pattern := match_name(name, self.ignore_modules)) is not None:
+            if (pattern := match_module(name, self.ignore_modules)) is not None:
                 matched.add(pattern)
         unmatched = [p for p in self.ignore_modules if p not in matched]
         if unmatched:
@@ -237,12 +241,12 @@ class BitsandbytesMode(mixprec.PrecisionMode):
                 if built != config:
                     raise WrapError(
                         f"Layer {shown!r} was quantized as {sub.config.mode_name} (blocksize "
-                        f"{sub.config.blocksize}, {_dtype_name(sub.config.compute_dtype)}) but "
+                        f"{sub.config.blocksize}, {dtype_name(sub.config.compute_dtype)}) but "
                         f"this mode is {config.mode_name} (blocksize {config.blocksize}, "
-                        f"{_dtype_name(config.compute_dtype)}); wrap with the mode object it "
+                        f"{dtype_name(config.compute_dtype)}); wrap with the mode object it "
                         "was built with."
                     )
-                if any(match_name(n, self.ignore_modules) for n in sub_names):
+                if any(match_module(n, self.ignore_modules) for n in sub_names):
                     raise WrapError(
                         f"Layer {shown!r} is already quantized but matches ignore_modules; "
                         "quantization cannot be undone exactly: build the model with the same "
@@ -266,7 +270,7 @@ class BitsandbytesMode(mixprec.PrecisionMode):
                         f"The model itself is a {type(sub).__name__}, which cannot be replaced in "
                         "place; wrap a container instead: mixprec.wrap(torch.nn.Sequential(model), …)."
                     )
-                if any(match_name(n, self.ignore_modules) for n in sub_names):
+                if any(match_module(n, self.ignore_modules) for n in sub_names):
                     plan.ignored.append(shown)
                 elif len(owners.get(id(sub.weight), ())) > 1:
                     plan.tied.append(shown)
@@ -292,7 +296,7 @@ class BitsandbytesMode(mixprec.PrecisionMode):
     def convert_module(self, module: torch.nn.Module) -> list[str]:
         from ._layers import build_layer
 
-        device = _device(module)
+        device = device_of(module)
         config = self.config(device)
         self.compute_dtype = config.compute_dtype
         plan = self._plan(module, config)
@@ -330,7 +334,7 @@ class BitsandbytesMode(mixprec.PrecisionMode):
             lines.append(f"left alone: the adapters of {plan.adapter_layers} peft layers "
                          "(trainable)")
         if config.trainable:
-            lines.append(f"weights stay trainable in {_dtype_name(config.compute_dtype)}; "
+            lines.append(f"weights stay trainable in {dtype_name(config.compute_dtype)}; "
                          "the int8 matmul re-quantizes them every forward")
             if self._auto_masters and config.compute_dtype is torch.float16:
                 # Adam on fp16 weights divides by eps=1e-8, which is 0 in fp16: NaN on step 2.
@@ -357,12 +361,12 @@ class BitsandbytesMode(mixprec.PrecisionMode):
                                const: int) -> str:
         layers = len(plan.targets) + len(plan.existing)
         what = (f"{config.mode_name}, blocksize {config.blocksize}, storage "
-                f"{_dtype_name(config.quant_storage)}" if config.kind == "4bit"
+                f"{dtype_name(config.quant_storage)}" if config.kind == "4bit"
                 else config.mode_name)
         ratio = per_weight / weights if weights else 0.0
         books = f" + {const:,} bytes of code books" if const else ""
         return (f"quantized {layers} Linear layers ({what}; compute "
-                f"{_dtype_name(config.compute_dtype)}): {weights:,} weights in {per_weight:,} "
+                f"{dtype_name(config.compute_dtype)}): {weights:,} weights in {per_weight:,} "
                 f"bytes ({ratio:.4f} B/weight){books}")
 
     def init_context(self, device: torch.device | str | None = None
@@ -436,12 +440,6 @@ def _adapter_modules(module: torch.nn.Module) -> tuple[set[int], int]:
                 if child_name != "base_layer":
                     found.update(id(m) for m in child.modules())
     return found, layers
-
-
-def _device(module: torch.nn.Module) -> torch.device:
-    for t in (*module.parameters(), *module.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def _mark_loaded(module: torch.nn.Module, flag: str | None) -> None:

@@ -94,11 +94,11 @@ def test_unknown_option_suggests_the_right_one() -> None:
 @pytest.mark.parametrize(
     ("mode", "options", "message"),
     [
-        ("nf4", {"dtype": "fp8"}, r"dtype='fp8' is not supported; use one of bfloat16, float16, float32"),
+        ("nf4", {"dtype": "fp8"}, r"Unsupported dtype 'fp8'; use one of 'bf16', '16', '32'\."),
         ("int8", {"blocksize": 64}, r"blocksize applies to the 4-bit modes only"),
         ("nf4", {"blocksize": 100}, r"blocksize=100 is not supported by bitsandbytes; use one of 32, 64"),
         ("int8", {"quant_storage": "uint8"}, r"quant_storage applies to the 4-bit modes only"),
-        ("fp4", {"quant_storage": "int8"}, r"quant_storage='int8' is not supported"),
+        ("fp4", {"quant_storage": "int8"}, r"Unsupported quant_storage 'int8'; use one of 'uint8', 'bf16'"),
         ("nf4-dq", {"master_weights": True}, r"master_weights=True needs trainable weights"),
         ("int8-training", {"master_weights": True, "dtype": "32"}, r"needs 16-bit weights"),
         ("nf4", {"ignore_modules": ["lm_head", ""]}, r"ignore_modules takes dotted module names"),
