@@ -6,6 +6,7 @@ import contextlib
 import difflib
 import inspect
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -60,6 +61,29 @@ def first_party_provider(name: str) -> str | None:
     return FIRST_PARTY_MODES.get(name)
 
 
+def normalize(name: str) -> str:
+    """A distribution name as PEP 503 compares them: ``Mixprec.BNB`` and
+    ``mixprec_bnb`` are ``mixprec-bnb``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+#: Names only the distribution of that name may use for an entry point: the core's
+#: and the first-party plugins'.
+RESERVED = frozenset({"mixprec", *map(normalize, FIRST_PARTY_MODES.values())})
+
+
+def owns(distribution: str, entry_point: str) -> bool:
+    """Whether ``distribution`` may declare a ``mixprec`` entry point of that name.
+
+    The name of a plugin's entry point is its distribution's name; a distribution
+    with several entry points names the others after itself (``mixprec-foo-extra``
+    of ``mixprec-foo``). Any other name claims a distribution that did not declare
+    it, and such an entry point would load in that distribution's place.
+    """
+    dist, name = normalize(distribution), normalize(entry_point)
+    return name == dist or (name.startswith(f"{dist}-") and name not in RESERVED)
+
+
 class Registry:
     """Modes from the core and from plugins, loaded lazily on first use.
 
@@ -93,22 +117,36 @@ class Registry:
         self._collect()
 
     def _load_entry_points(self) -> None:
+        """Load the entry points ``MIXPREC_LOAD_PLUGINS`` allows (all when unset).
+
+        The variable lists distribution names, compared as PEP 503 normalises them.
+        An entry point is loaded only if the distribution that declares it owns its
+        name (:func:`owns`); one that claims another distribution's name is never
+        imported and is reported in :meth:`broken`, naming both distributions.
+        """
         wanted = os.environ.get(LOAD_ENV)
-        allowed = None if wanted is None else {n.strip() for n in wanted.split(",") if n.strip()}
+        allowed = None if wanted is None else {
+            normalize(n.strip()) for n in wanted.split(",") if n.strip()}
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-            if allowed is not None and ep.name not in allowed:
+            if allowed is not None and normalize(ep.name) not in allowed:
+                continue
+            dist = getattr(ep, "dist", None)
+            dist_name = dist.name if dist is not None else "an unknown distribution"
+            if dist is None or not owns(dist_name, ep.name):
+                self._broken[f"{dist_name}:{ep.name}"] = (
+                    f"entry point {ep.name!r} is declared by distribution {dist_name!r}, "
+                    f"not by {ep.name}: not loaded"
+                )
                 continue
             if self._pm.has_plugin(ep.name) or ep.name in self._broken:
                 continue
-            dist = getattr(ep, "dist", None)
-            version = dist.version if dist is not None else "?"
             try:
                 plugin = ep.load()
                 self._pm.register(plugin, name=ep.name)
             except Exception as exc:  # a broken plugin must not break the others
                 self._broken[ep.name] = f"{type(exc).__name__}: {exc}"
                 continue
-            self._dists[ep.name] = (dist.name if dist is not None else ep.name, version)
+            self._dists[ep.name] = (dist_name, dist.version)
 
     def _collect(self) -> None:
         modes: dict[str, ModeEntry] = {}

@@ -1,0 +1,91 @@
+"""Loading plugins from installed distributions: which entry points load, when,
+and what a plugin that misbehaves at import can do (nothing beyond itself).
+
+The distributions here are really installed (see ``installed_dists``): a
+``*.dist-info`` directory on ``sys.path``, found by ``importlib.metadata``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+import pytest
+from installed_dists import Site, plugin_source
+
+import mixprec
+from mixprec.exceptions import UnknownModeError
+
+CORE = {"16-mixed", "16-true", "32-true", "64-true", "bf16-mixed", "bf16-true"}
+BNB_MODES = (("nf4", "precision"), ("adamw8bit", "optimizer"))
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch) -> Iterator[Site]:
+    monkeypatch.delenv("MIXPREC_LOAD_PLUGINS", raising=False)
+    installed = Site(tmp_path, monkeypatch)
+    try:
+        yield installed
+    finally:
+        installed.close()
+
+
+def _install_real_bnb(site: Site, name: str = "mixprec-bnb") -> None:
+    site.install(name, version="0.1.0", entry_points={"mixprec-bnb": "genuine_bnb"},
+                 modules={"genuine_bnb": plugin_source(*BNB_MODES, summary="genuine")})
+
+
+def _install_evil(site: Site, ep_name: str = "mixprec-bnb") -> None:
+    site.install("evil-pkg", version="6.6.6", entry_points={ep_name: "evil_bnb"},
+                 modules={"evil_bnb": plugin_source(*BNB_MODES, summary="evil")})
+
+
+# -- item 8: entry points are matched to the distribution that declares them --
+
+
+@pytest.mark.parametrize("allow", [None, "mixprec-bnb"])
+def test_an_entry_point_named_after_another_distribution_is_never_loaded(site, monkeypatch, allow):
+    _install_real_bnb(site)
+    _install_evil(site)  # found first: it is first on sys.path
+    if allow is not None:
+        monkeypatch.setenv("MIXPREC_LOAD_PLUGINS", allow)
+    reg = mixprec.Registry()
+    assert reg.entry("nf4").spec.summary == "genuine"
+    assert reg.entry("adamw8bit").provider == "mixprec-bnb"
+    assert "evil_bnb" not in sys.modules
+    reasons = [r for r in reg.broken().values() if "evil-pkg" in r]
+    assert reasons == ["entry point 'mixprec-bnb' is declared by distribution 'evil-pkg', "
+                       "not by mixprec-bnb: not loaded"]
+
+
+def test_an_impostor_alone_is_not_loaded_either(site):
+    _install_evil(site)
+    reg = mixprec.Registry()
+    with pytest.raises(UnknownModeError, match="pip install mixprec-bnb"):
+        reg.entry("nf4")
+    assert "evil_bnb" not in sys.modules
+    assert "evil-pkg:mixprec-bnb" in reg.broken()
+
+
+def test_an_entry_point_named_after_no_distribution_is_an_impostor_too(site):
+    _install_evil(site, ep_name="mixprec-evil")
+    reg = mixprec.Registry()
+    assert "nf4" not in reg.modes() and "evil_bnb" not in sys.modules
+    assert "declared by distribution 'evil-pkg', not by mixprec-evil" in reg.broken()[
+        "evil-pkg:mixprec-evil"]
+
+
+@pytest.mark.parametrize("allow", ["mixprec-bnb", "mixprec_bnb", "Mixprec.BNB",
+                                   " mixprec-testplugin , MIXPREC__bnb "])
+def test_mixprec_load_plugins_names_distributions_in_any_spelling(site, monkeypatch, allow):
+    _install_real_bnb(site)
+    monkeypatch.setenv("MIXPREC_LOAD_PLUGINS", allow)
+    reg = mixprec.Registry()
+    assert reg.entry("nf4").provider == "mixprec-bnb"
+
+
+def test_a_distribution_spelt_otherwise_owns_its_entry_point(site):
+    _install_real_bnb(site, name="Mixprec_BNB")
+    reg = mixprec.Registry()
+    assert reg.entry("nf4").provider == "Mixprec_BNB"
+    assert not [k for k in reg.broken() if "bnb" in k]
