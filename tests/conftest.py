@@ -1,9 +1,14 @@
+"""The core's test models and data. The fresh registry per test and the generic
+helpers come from the conformance kit (``mixprec.testing``), as in a plugin's tests."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-import mixprec
+from mixprec.testing import seeded, train_steps
+
+pytest_plugins = ["mixprec.testing"]
 
 
 class TinyNet(torch.nn.Module):
@@ -38,29 +43,19 @@ def loss_of(model, tokens, targets):
 
 
 def train(model, opt, steps: int, start: int = 0, accumulate: int = 1):
-    losses = []
-    for step in range(start, start + steps):
-        for micro in range(accumulate):
-            tokens, targets = make_batch(seed=step * accumulate + micro)
-            loss = loss_of(model, tokens, targets) / accumulate
-            opt.backward(loss)
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()) * accumulate)
-    return losses
+    return train_steps(opt, lambda i: loss_of(model, *make_batch(seed=i)), steps, start=start,
+                       accumulate=accumulate)
 
 
 @pytest.fixture
 def tiny():
-    torch.manual_seed(0)
-    return TinyNet()
+    return seeded(TinyNet)
 
 
 @pytest.fixture
-def fresh_registry():
-    """A registry with only the core modes; plugins registered by hand are removed after."""
-    with mixprec.use_registry(mixprec.Registry(entry_points=False)) as reg:
-        yield reg
+def fresh_registry(mixprec_registry):
+    """The kit's registry of the test: only the core modes (these tests name it so)."""
+    return mixprec_registry
 
 
 CORE_MODES = [

@@ -7,9 +7,11 @@ import contextlib
 import importlib
 import importlib.metadata
 import os
+import pickle
 import re
 import threading
 import types
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,8 +20,18 @@ import torch
 
 import mixprec
 from mixprec.exceptions import ModeOptionError
-from mixprec.testing import CONTRACTS, ConformanceNet, ContractViolation, ModeConformance
-from mixprec.testing._helpers import Snapshot
+from mixprec.testing import (
+    CONTRACTS,
+    ConformanceNet,
+    ContractViolation,
+    ModeConformance,
+    assert_state_equal,
+    checkpoint_roundtrip,
+    seeded,
+    train_steps,
+    wrap_quietly,
+)
+from mixprec.testing._helpers import Snapshot, default_batch
 
 pytest_plugins = ["pytester"]
 
@@ -561,6 +573,87 @@ def test_a_heavy_import_in_the_entry_point_module_is_reported(tmp_path, monkeypa
     assert "Import the heavy library inside the mode factory" in err.fix
 
 
+# -- helpers for a plugin's own tests ------------------------------------------------------
+# (before the pytester runs below: an in-process run unloads the torch modules it imported
+# lazily, and torch refuses to import some of them twice)
+
+
+def test_seeded_builds_the_same_weights_every_call():
+    first, again = seeded(ConformanceNet, seed=3), seeded(ConformanceNet, seed=3)
+    assert_state_equal(first.state_dict(), again.state_dict())
+    other = seeded(ConformanceNet, 32, hidden=64, seed=4)  # arguments go to the factory
+    with pytest.raises(AssertionError, match=r"the states differ: fc1.weight: values differ"):
+        assert_state_equal(first.state_dict(), other.state_dict())
+
+
+def test_assert_state_equal_says_where_states_differ():
+    state = {"w": torch.ones(2), "opt": {"step": 3, "m": torch.zeros(2)}}
+    assert_state_equal(state, checkpoint_roundtrip(state))
+    cases = [
+        ({"opt": state["opt"], "w": state["w"]}, "<root>: the same keys in another order"),
+        ({"w": torch.ones(2, dtype=torch.float64), "opt": state["opt"]},
+         "w: torch.float64(2,) instead of torch.float32(2,)"),
+        ({"w": state["w"], "opt": {"step": 4, "m": torch.zeros(2)}}, "opt.step: 4 instead of 3"),
+        ({"w": state["w"]}, "keys differ (missing ['opt'], unexpected [])"),
+    ]
+    for got, where in cases:
+        with pytest.raises(AssertionError) as info:
+            assert_state_equal(state, got)
+        assert where in str(info.value)
+
+
+def test_checkpoint_roundtrip_loads_with_weights_only():
+    with pytest.raises(pickle.UnpicklingError):
+        checkpoint_roundtrip({"state": _Opaque()})
+
+
+def test_train_steps_walks_the_micro_batches_and_backpropagates_through_the_wrapper():
+    model = seeded(ConformanceNet)
+    model, opt = mixprec.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), "16-mixed")
+    seen: list[int] = []
+
+    def loss_at(index: int) -> torch.Tensor:
+        seen.append(index)
+        x, y = default_batch(index, 8, 32)
+        return torch.nn.functional.mse_loss(model(x), y)
+
+    losses = train_steps(opt, loss_at, 2, start=1, accumulate=3)
+    assert seen == [3, 4, 5, 6, 7, 8] and len(losses) == 2
+    assert opt.precision.loss_scale is not None  # gradients went through opt.backward
+
+
+def test_train_steps_with_a_plain_optimizer_and_with_every_parameter_frozen():
+    model = seeded(ConformanceNet)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.fc1.weight.detach().clone()
+    x, y = default_batch(0, 8, 32)
+    train_steps(opt, lambda i: torch.nn.functional.mse_loss(model(x), y), 1)
+    assert not torch.equal(before, model.fc1.weight)
+    model.requires_grad_(False)  # no gradient: no backward, the step still runs
+    assert len(train_steps(opt, lambda i: torch.nn.functional.mse_loss(model(x), y), 2)) == 2
+
+
+class _Warns(mixprec.TruePrecision):
+    """Warns twice while converting, as a mode that freezes weights would."""
+
+    def __init__(self):
+        super().__init__("32")
+
+    def convert_module(self, module):
+        warnings.warn("Mode 'warns' froze 2 Linear weights", mixprec.MixprecWarning, stacklevel=2)
+        warnings.warn("another note", mixprec.MixprecWarning, stacklevel=2)
+        return super().convert_module(module)
+
+
+@pytest.mark.parametrize(("silence", "left"), [("", []), (".*froze", ["another note"])])
+def test_wrap_quietly_silences_only_the_matching_mixprec_warnings(silence, left):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = wrap_quietly(seeded(ConformanceNet), None, _Warns(), silence=silence)
+    assert mixprec.is_wrapped(model)
+    assert [str(w.message) for w in caught] == left
+
+
 # -- the pytest plugin: opt-in, fixtures, what a failing run shows -----------------------------
 
 _INNER = '''
@@ -651,6 +744,77 @@ def test_the_kit_is_not_loaded_into_other_pytest_runs(pytester):
     assert not any(v.startswith("mixprec") for v in pytest11)
 
 
+_PLUGIN = '''
+import mixprec
+
+
+class Extra(mixprec.PrecisionMode):
+    pass
+
+
+@mixprec.hookimpl
+def mixprec_modes():
+    return [mixprec.ModeSpec("extra", Extra, "a mode of the plugin under test")]
+'''
+
+_PLUGIN_CONFTEST = '''
+import extra_plugin
+import pytest
+
+pytest_plugins = ["mixprec.testing"]
+
+
+@pytest.fixture
+def mixprec_plugins():
+    return {"mixprec-extra": extra_plugin}
+'''
+
+_PLUGIN_TESTS = '''
+import mixprec
+import pytest
+import torch
+
+SEEN = []
+
+
+def test_every_test_runs_in_a_fresh_registry_with_the_plugin():
+    assert mixprec.registry().modes()["extra"].provider == "mixprec-extra"
+    SEEN.append(mixprec.registry())
+
+
+def test_the_fixture_is_that_registry(mixprec_registry):
+    assert mixprec.registry() is mixprec_registry
+    SEEN.append(mixprec_registry)
+
+
+def test_fails_with_the_plugin_registered():
+    SEEN.append(mixprec.registry())
+    raise RuntimeError("the test fails")
+
+
+def test_the_plugin_was_unregistered_after_each_test():
+    assert len({id(reg) for reg in SEEN}) == 3
+    assert all("extra" not in reg.modes() for reg in SEEN)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu():
+    assert torch.cuda.is_available()
+'''
+
+
+def test_a_conftest_names_its_plugin_once_for_every_test(pytester):
+    pytester.syspathinsert()
+    pytester.makepyfile(extra_plugin=_PLUGIN, test_plugin=_PLUGIN_TESTS)
+    pytester.makeconftest(_PLUGIN_CONFTEST)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rfs", "--strict-markers")
+    gpu = torch.cuda.is_available()
+    result.assert_outcomes(passed=3 + gpu, failed=1, skipped=1 - gpu)
+    result.stdout.fnmatch_lines(["FAILED test_plugin.py::test_fails_with_the_plugin_registered*"])
+    if not gpu:
+        result.stdout.fnmatch_lines(["SKIPPED*marked gpu: needs a CUDA GPU, and torch sees none"])
+
+
 # -- the plugin-author guide documents the interface and the kit -----------------------------
 
 REPO = Path(__file__).resolve().parent.parent
@@ -675,7 +839,10 @@ def test_the_plugin_guide_documents_every_hook_mode_method_and_kit_check():
                           if not n.startswith(("test_", "make_", "compute_", "mode_label"))],
         "kit hook": [f"`{n}(self" for n in _public(ModeConformance)
                      if n.startswith(("make_", "compute_"))],
-        "fixture": [f"`{n}" for n in ("mixprec_registry", "register_mixprec_plugin")],
+        "fixture": [f"`{n}" for n in ("mixprec_plugins", "mixprec_registry",
+                                      "register_mixprec_plugin")],
+        "helper": [f"`{n}(" for n in ("seeded", "train_steps", "checkpoint_roundtrip",
+                                      "wrap_quietly", "assert_state_equal")],
     }
     missing = {what: [m for m in marks if m not in text] for what, marks in expected.items()}
     assert {k: v for k, v in missing.items() if v} == {}

@@ -21,9 +21,19 @@ errors on bad options, a cheap entry-point module, ``unwrap``. A broken
 contract fails with a :class:`ContractViolation` saying which contract broke
 and how to fix it.
 
-Fixtures, once the plugin is opted in: ``mixprec_registry`` (a fresh registry
-with only the core modes, in use for the test) and ``register_mixprec_plugin``
-(register a plugin object into it; unregistered after the test, also on failure).
+Fixtures, once the plugin is opted in: ``mixprec_plugins`` (override it in the
+``conftest.py`` with ``{distribution name: plugin module}``: every test then
+runs in a fresh registry holding the core modes and those plugins),
+``mixprec_registry`` (that fresh registry, in use for the test; unregistered
+after it, also on failure) and ``register_mixprec_plugin`` (register one more
+plugin object into it for one test). Tests marked ``gpu`` are skipped where
+torch sees no CUDA device.
+
+Helpers for a plugin's own tests: :func:`seeded` (a model with the same weights
+every call), :func:`train_steps` (the training loop), :func:`checkpoint_roundtrip`
+(``torch.save``/``torch.load(weights_only=True)``), :func:`wrap_quietly`
+(``wrap`` without expected :class:`mixprec.MixprecWarning` s) and
+:func:`assert_state_equal` (state dicts equal bit for bit, with a readable diff).
 
 The kit raises its own messages, so pytest need not rewrite its asserts
 (PYTEST_DONT_REWRITE; this also keeps pytest quiet when the module was imported
@@ -35,18 +45,37 @@ before the plugin was loaded).
 from __future__ import annotations
 
 from ._contracts import CONTRACTS, ContractViolation
-from ._fixtures import mixprec_registry, register_mixprec_plugin
+from ._fixtures import _use_mixprec_plugins as _use_mixprec_plugins
+from ._fixtures import mixprec_plugins, mixprec_registry, register_mixprec_plugin
+from ._fixtures import pytest_collection_modifyitems as pytest_collection_modifyitems
+from ._fixtures import pytest_configure as pytest_configure
 from ._helpers import ConformanceNet
+from ._tools import (
+    assert_state_equal,
+    checkpoint_roundtrip,
+    seeded,
+    train_steps,
+    wrap_quietly,
+)
 from ._train import TrainChecks
 from ._wrap import WrapChecks
+
+# pytest finds the fixtures and hooks among this module's names (it is the plugin
+# named in pytest_plugins); the hooks and the autouse fixture are not API.
 
 __all__ = [
     "CONTRACTS",
     "ConformanceNet",
     "ContractViolation",
     "ModeConformance",
+    "assert_state_equal",
+    "checkpoint_roundtrip",
+    "mixprec_plugins",
     "mixprec_registry",
     "register_mixprec_plugin",
+    "seeded",
+    "train_steps",
+    "wrap_quietly",
 ]
 
 

@@ -21,6 +21,7 @@ from ._helpers import (
     default_batch,
     float_tensors,
 )
+from ._tools import train_steps
 
 __all__ = ["ConformanceBase"]
 
@@ -208,17 +209,8 @@ class ConformanceBase:
         return self._precision().wrap(model, self.make_optimizer(model))
 
     def _train(self, model: Any, opt: Any, steps: int, start: int = 0) -> list[float]:
-        losses = []
-        for step in range(start, start + steps):
-            for micro in range(self.accumulate):
-                batch = self.make_batch(step * self.accumulate + micro)
-                loss = self.compute_loss(model, batch) / self.accumulate
-                if loss.requires_grad:  # False when the mode froze every parameter
-                    opt.backward(loss)
-            opt.step()
-            opt.zero_grad()
-            losses.append(float(loss.detach()) * self.accumulate)
-        return losses
+        return train_steps(opt, lambda i: self.compute_loss(model, self.make_batch(i)), steps,
+                           start=start, accumulate=self.accumulate)
 
     def _eval_loss(self, model: Any) -> float:
         with torch.no_grad():

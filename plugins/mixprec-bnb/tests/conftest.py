@@ -1,10 +1,11 @@
-"""Shared models, data and a fresh registry holding only the core and this plugin."""
+"""What is particular to this plugin's tests: the plugin under test, bitsandbytes'
+process-wide optimizer manager, a model and data sized for 8-bit state, and the
+warning these tests expect. The fresh registry per test, the ``gpu`` skip and
+the generic helpers come from mixprec's kit (``mixprec.testing``)."""
 
 from __future__ import annotations
 
-import io
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import mixprec_bnb.plugin
@@ -12,29 +13,17 @@ import pytest
 import torch
 from bitsandbytes.optim import GlobalOptimManager
 
-import mixprec
+from mixprec.testing import seeded, train_steps, wrap_quietly
 
 pytest_plugins = ["mixprec.testing"]  # the conformance kit, opt-in
 
 VOCAB, DIM, HIDDEN = 64, 64, 128
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
-
-
-@pytest.fixture(autouse=True)
-def registry() -> Iterator[mixprec.Registry]:
-    """A fresh registry per test: the core modes and this plugin, registered by hand."""
-    reg = mixprec.Registry(entry_points=False)
-    reg.register(mixprec_bnb.plugin, name="mixprec-bnb", distribution="mixprec-bnb")
-    with mixprec.use_registry(reg):
-        yield reg
+@pytest.fixture
+def mixprec_plugins() -> Mapping[str, object]:
+    """Every test runs in a fresh registry: the core modes and this plugin, by hand."""
+    return {"mixprec-bnb": mixprec_bnb.plugin}
 
 
 @pytest.fixture(autouse=True)
@@ -75,8 +64,7 @@ class TinyLM(torch.nn.Module):
 
 
 def make_lm(seed: int = 0) -> TinyLM:
-    torch.manual_seed(seed)
-    return TinyLM()
+    return seeded(TinyLM, seed=seed)
 
 
 def batch(step: int, task: int = 0, size: int = 8, length: int = 16
@@ -96,47 +84,11 @@ def lm_loss(model: Callable[[torch.Tensor], torch.Tensor], step: int, task: int 
 
 
 def train(model: Any, opt: Any, steps: int, start: int = 0, task: int = 0) -> list[float]:
-    """``steps`` optimizer steps through ``opt.backward`` when ``opt`` is wrapped."""
-    losses = []
-    for step in range(start, start + steps):
-        loss = lm_loss(model, step, task)
-        if hasattr(opt, "backward"):
-            opt.backward(loss)
-        else:
-            loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
-    return losses
+    """``steps`` optimizer steps of token task ``task`` (wrapped or plain ``opt``)."""
+    return train_steps(opt, lambda step: lm_loss(model, step, task), steps, start=start)
 
 
 def wrap_quiet(model: torch.nn.Module, opt: torch.optim.Optimizer | None, mode: Any,
                **kw: Any) -> Any:
     """wrap() without the frozen-weights warning (tests that check it call wrap directly)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*froze .* Linear weights",
-                                category=mixprec.MixprecWarning)
-        return mixprec.wrap(model, opt, mode, **kw)
-
-
-def roundtrip(obj: Any) -> Any:
-    """torch.save then torch.load(weights_only=True), as a checkpoint on disk would."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
-def assert_state_equal(a: dict[str, Any], b: dict[str, Any]) -> None:
-    """Same keys, and every tensor equal in dtype, shape and value (bit for bit);
-    nested dicts are compared the same way."""
-    assert list(a) == list(b)
-    for key in a:
-        x, y = a[key], b[key]
-        if isinstance(x, dict):
-            assert_state_equal(x, y)
-        elif torch.is_tensor(x):
-            assert x.dtype == y.dtype and x.shape == y.shape, key
-            assert torch.equal(x, y), key
-        else:
-            assert x == y, key
+    return wrap_quietly(model, opt, mode, silence=".*froze .* Linear weights", **kw)

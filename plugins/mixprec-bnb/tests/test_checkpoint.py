@@ -6,10 +6,12 @@ from __future__ import annotations
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
-from conftest import assert_state_equal, make_lm, roundtrip, train, wrap_quiet
+from conftest import make_lm, train, wrap_quiet
 from mixprec_bnb import BitsandbytesMode
 
 from mixprec.exceptions import CheckpointError
+from mixprec.testing import assert_state_equal
+from mixprec.testing import checkpoint_roundtrip as roundtrip
 
 MODES = ["nf4", "nf4-dq", "fp4", "fp4-dq", "int8", "int8-training"]
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TinyLM, assert_state_equal, make_lm, roundtrip, train, wrap_quiet
+from conftest import TinyLM, make_lm, train, wrap_quiet
 from mixprec_bnb import BitsandbytesMode, QuantLinear4bit, QuantLinear8bit
 
 import mixprec
 from mixprec.exceptions import WrapError
+from mixprec.testing import assert_state_equal
+from mixprec.testing import checkpoint_roundtrip as roundtrip
 
 REAL_LINEAR = torch.nn.Linear
 

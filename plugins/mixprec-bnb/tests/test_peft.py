@@ -5,11 +5,13 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from conftest import TinyLM, assert_state_equal, lm_loss, make_lm, roundtrip, train, wrap_quiet
+from conftest import TinyLM, lm_loss, make_lm, train, wrap_quiet
 from mixprec_bnb import QuantLinear4bit, QuantLinear8bit
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 import mixprec
+from mixprec.testing import assert_state_equal
+from mixprec.testing import checkpoint_roundtrip as roundtrip
 
 TARGETS = ["up", "down"]
 

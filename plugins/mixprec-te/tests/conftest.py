@@ -1,17 +1,22 @@
+"""What is particular to this plugin's tests: the plugin under test and the
+stand-ins for Transformer Engine (a CPU-only machine has none; see
+_te_standin.py). The fresh registry per test, the ``gpu`` skip and the generic
+helpers come from mixprec's kit (``mixprec.testing``)."""
+
 from __future__ import annotations
 
 import importlib.abc
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import _te_standin
 import pytest
-import torch
 from _te_testing import Net
 from mixprec_te import plugin as te_plugin
 
 import mixprec
+from mixprec.testing import seeded
 
 pytest_plugins = ["mixprec.testing"]  # the conformance kit, opt-in
 
@@ -74,14 +79,17 @@ def broken_te(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def fresh_registry() -> Iterator[mixprec.Registry]:
-    reg = mixprec.Registry(entry_points=False)
-    with mixprec.use_registry(reg):
-        reg.register(te_plugin, name="mixprec-te", distribution="mixprec-te")
-        yield reg
+def mixprec_plugins() -> Mapping[str, object]:
+    """Every test runs in a fresh registry: the core modes and this plugin, by hand."""
+    return {"mixprec-te": te_plugin}
+
+
+@pytest.fixture
+def fresh_registry(mixprec_registry: mixprec.Registry) -> mixprec.Registry:
+    """The kit's registry of the test (these tests name it so)."""
+    return mixprec_registry
 
 
 @pytest.fixture
 def net() -> Net:
-    torch.manual_seed(0)
-    return Net()
+    return seeded(Net)

@@ -1,37 +1,26 @@
-"""Shared models, data and a fresh registry holding only the core and this plugin."""
+"""What is particular to this plugin's tests: the plugin under test, models with
+FP8-able (and one non-FP8-able) layer shapes, their data, and SQNR. The fresh
+registry per test, the ``gpu`` skip and the generic helpers come from mixprec's
+kit (``mixprec.testing``)."""
 
 from __future__ import annotations
 
-import io
-import warnings
-from collections.abc import Iterator
+from collections.abc import Mapping
 from typing import Any
 
 import mixprec_torchao.plugin
 import pytest
 import torch
 
-import mixprec
+from mixprec.testing import seeded, train_steps
 
 pytest_plugins = ["mixprec.testing"]  # the conformance kit, opt-in
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu-check on an H100/H200)")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
-
-
-@pytest.fixture(autouse=True)
-def registry() -> Iterator[mixprec.Registry]:
-    """A fresh registry per test: the core modes and this plugin, registered by hand."""
-    reg = mixprec.Registry(entry_points=False)
-    reg.register(mixprec_torchao.plugin, name="mixprec-torchao", distribution="mixprec-torchao")
-    with mixprec.use_registry(reg):
-        yield reg
+@pytest.fixture
+def mixprec_plugins() -> Mapping[str, object]:
+    """Every test runs in a fresh registry: the core modes and this plugin, by hand."""
+    return {"mixprec-torchao": mixprec_torchao.plugin}
 
 
 class MLP(torch.nn.Module):
@@ -52,8 +41,7 @@ class MLP(torch.nn.Module):
 
 
 def make_mlp(seed: int = 0, n_out: int = 10) -> MLP:
-    torch.manual_seed(seed)
-    return MLP(n_out)
+    return seeded(MLP, n_out, seed=seed)
 
 
 def batch(step: int, size: int = 32, n_out: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,56 +55,35 @@ def batch(step: int, size: int = 32, n_out: int = 10) -> tuple[torch.Tensor, tor
 
 
 def train(model: Any, opt: Any, steps: int, start: int = 0) -> list[float]:
-    losses = []
-    for step in range(start, start + steps):
+    """``steps`` optimizer steps of the classification task of :func:`batch`."""
+
+    def loss_at(step: int) -> torch.Tensor:
         x, y = batch(step)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.backward(loss)
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
-    return losses
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    return train_steps(opt, loss_at, steps, start=start)
 
 
 def make_wide(seed: int = 0) -> torch.nn.Module:
     """Two 256x256 layers with bias: weights big enough for quantized optimizer state
     (>= 4096 elements), and only two parameter shapes, so torchao's compiled optimizer
     step compiles few graphs (the first run on a machine compiles them all)."""
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.GELU(),
-                               torch.nn.Linear(256, 256))
+    return seeded(lambda: torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.GELU(),
+                                              torch.nn.Linear(256, 256)), seed=seed)
 
 
 def train_wide(model: Any, opt: Any, steps: int, start: int = 0,
                poison: bool = False) -> list[float]:
     """Steps of a regression on fixed random data; ``poison`` puts an inf in the input."""
-    losses = []
-    for step in range(start, start + steps):
+
+    def loss_at(step: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(step % 4)
         x = torch.randn(8, 256, generator=g)
         if poison:
             x[0, 0] = float("inf")
-        loss = (model(x) - x).square().mean()
-        opt.backward(loss)
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
-    return losses
+        return (model(x) - x).square().mean()
 
-
-def wrap_quiet(model: torch.nn.Module, opt: torch.optim.Optimizer | None, mode: Any, **kw: Any) -> Any:
-    """wrap() without the kept-layer warning (tests that check it call wrap directly)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=mixprec.MixprecWarning)
-        return mixprec.wrap(model, opt, mode=mode, **kw)
-
-
-def roundtrip(obj: Any) -> Any:
-    """torch.save then torch.load(weights_only=True), as a checkpoint on disk would go."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
+    return train_steps(opt, loss_at, steps, start=start)
 
 
 def sqnr(reference: torch.Tensor, value: torch.Tensor) -> float:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_wide, roundtrip, train_wide, wrap_quiet
+from conftest import make_wide, train_wide
+
+from mixprec.testing import checkpoint_roundtrip as roundtrip
+from mixprec.testing import wrap_quietly as wrap_quiet
 
 CASES = [
     ("fp8-tensorwise", {}),

@@ -7,10 +7,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import MLP, batch, make_mlp, roundtrip, train, wrap_quiet
+from conftest import MLP, batch, make_mlp, train
 
 import mixprec
 from mixprec.exceptions import ModeOptionError, UnsupportedDeviceError, WrapError
+from mixprec.testing import checkpoint_roundtrip as roundtrip
+from mixprec.testing import wrap_quietly as wrap_quiet
 
 
 def _is_fp8(module: torch.nn.Module) -> bool:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_mlp, sqnr, train, wrap_quiet
+from conftest import make_mlp, sqnr, train
 from mixprec_torchao import RECIPES
 
 import mixprec
+from mixprec.testing import wrap_quietly as wrap_quiet
 
 #: The issue's floor for the FP8 Linear against the bf16 reference (tensorwise; held by all).
 MIN_SQNR_DB = 20.0

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import sqnr, wrap_quiet
+from conftest import sqnr
 from mixprec_torchao import RECIPES, state_bytes
 
 import mixprec
+from mixprec.testing import wrap_quietly as wrap_quiet
 
 pytestmark = pytest.mark.gpu
 

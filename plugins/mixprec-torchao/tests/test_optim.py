@@ -7,11 +7,13 @@ import sys
 
 import pytest
 import torch
-from conftest import make_mlp, make_wide, roundtrip, train_wide, wrap_quiet
+from conftest import make_mlp, make_wide, train_wide
 from mixprec_torchao import LowBitAdamW, state_bytes
 
 import mixprec
 from mixprec.exceptions import WrapError
+from mixprec.testing import checkpoint_roundtrip as roundtrip
+from mixprec.testing import wrap_quietly as wrap_quiet
 
 OPTIM_MODES = ["ao-adamw8bit", "ao-adamw4bit", "ao-adamw-fp8"]
 #: state bytes per parameter the issue allows
