@@ -143,8 +143,8 @@ class Registry:
             try:
                 plugin = ep.load()
                 self._pm.register(plugin, name=ep.name)
-            except Exception as exc:  # a broken plugin must not break the others
-                self._broken[ep.name] = f"{type(exc).__name__}: {exc}"
+            except BaseException as exc:  # a broken plugin must not break the others
+                self._broken[ep.name] = _failure(exc)
                 continue
             self._dists[ep.name] = (dist_name, dist.version)
 
@@ -160,8 +160,8 @@ class Registry:
                 specs: list[Any] = list(impl.function())  # type: ignore[call-overload]
                 for spec in specs:
                     _check_spec(spec)
-            except Exception as exc:
-                self._broken[plugin] = f"mixprec_modes() failed: {type(exc).__name__}: {exc}"
+            except BaseException as exc:
+                self._broken[plugin] = f"mixprec_modes() failed: {_failure(exc)}"
                 continue
             for spec in specs:
                 if spec.api_version > PLUGIN_API_VERSION:
@@ -316,6 +316,18 @@ class Registry:
         if not getattr(obj, "name", ""):
             obj.name = part.name
         return obj
+
+
+def _failure(exc: BaseException) -> str:
+    """``exc`` from a plugin's import or hook as a reason for :meth:`Registry.broken`.
+
+    Any exception counts, ``SystemExit`` from a ``sys.exit()`` at import included: a
+    plugin must not end the program that merely lists or looks up modes. Only
+    ``KeyboardInterrupt`` goes on, since that is the user stopping the program.
+    """
+    if isinstance(exc, KeyboardInterrupt):
+        raise exc
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _check_spec(spec: object) -> None:

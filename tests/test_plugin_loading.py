@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+import torch
 from installed_dists import Site, plugin_source
 
 import mixprec
@@ -89,3 +90,31 @@ def test_a_distribution_spelt_otherwise_owns_its_entry_point(site):
     reg = mixprec.Registry()
     assert reg.entry("nf4").provider == "Mixprec_BNB"
     assert not [k for k in reg.broken() if "bnb" in k]
+
+
+# -- item 9: a plugin that exits (or raises any BaseException) at import is only broken --
+
+
+@pytest.mark.parametrize(("source", "reason"), [
+    ("import sys\nsys.exit(3)\n", "SystemExit: 3"),
+    ("class Stop(BaseException):\n    pass\nraise Stop('no')\n", "Stop: no"),
+])
+def test_a_plugin_that_exits_at_import_is_reported_and_the_rest_works(site, source, reason):
+    site.install("mixprec-exits", entry_points={"mixprec-exits": "exiting_plugin"},
+                 modules={"exiting_plugin": source})
+    reg = mixprec.Registry()
+    assert reg.broken()["mixprec-exits"] == reason
+    assert CORE | {"testplugin-rounded"} <= set(reg.modes())
+    with mixprec.use_registry(reg):
+        model = torch.nn.Linear(4, 4)
+        _, opt = mixprec.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), "bf16-true")
+        assert model.weight.dtype == torch.bfloat16 and opt.precision.mode_name == "bf16-true"
+        mixprec.wrap(torch.nn.Linear(4, 4), mode="testplugin-rounded")
+
+
+def test_a_plugin_that_exits_at_import_does_not_break_a_core_wrap(site):
+    site.install("mixprec-exits", entry_points={"mixprec-exits": "exiting_plugin"},
+                 modules={"exiting_plugin": "import sys\nsys.exit(3)\n"})
+    with mixprec.use_registry(mixprec.Registry()):
+        model = mixprec.wrap(torch.nn.Linear(4, 4), mode="bf16-mixed")
+    assert model(torch.randn(2, 4)).shape == (2, 4)

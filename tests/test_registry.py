@@ -121,6 +121,34 @@ def test_a_plugin_whose_hook_raises_is_reported_not_fatal(fresh_registry):
     assert set(fresh_registry.modes()) == CORE
 
 
+@pytest.mark.parametrize(("exc", "reason"), [(SystemExit(3), "SystemExit: 3"),
+                                             (GeneratorExit("stop"), "GeneratorExit: stop")])
+def test_a_plugin_whose_hook_exits_is_reported_not_fatal(fresh_registry, exc, reason):
+    module = types.ModuleType("exits")
+
+    @mixprec.hookimpl
+    def mixprec_modes():
+        raise exc
+
+    module.mixprec_modes = mixprec_modes
+    fresh_registry.register(module, name="exits")
+    assert fresh_registry.broken()["exits"] == f"mixprec_modes() failed: {reason}"
+    assert set(fresh_registry.modes()) == CORE
+    assert fresh_registry.build("bf16-mixed", {})[0].name == "bf16-mixed"
+
+
+def test_a_keyboard_interrupt_in_a_hook_still_interrupts(fresh_registry):
+    module = types.ModuleType("interrupted")
+
+    @mixprec.hookimpl
+    def mixprec_modes():
+        raise KeyboardInterrupt
+
+    module.mixprec_modes = mixprec_modes
+    with pytest.raises(KeyboardInterrupt):
+        fresh_registry.register(module, name="interrupted")
+
+
 def test_a_mode_for_a_newer_plugin_api_is_reported(fresh_registry):
     fresh_registry.register(_plugin(mixprec.ModeSpec("future", Noop, "x", api_version=99)),
                             name="future", distribution="mixprec-future")
