@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -24,8 +24,8 @@ from ._te import is_te_module
 
 __all__ = [
     "BUILT",
-    "cast_floating",
     "convert_layers",
+    "kept_by_te",
     "revert_layers",
     "te_layer_from_torch",
     "torch_layer_from_te",
@@ -129,34 +129,25 @@ def revert_layers(module: torch.nn.Module, names: list[str]) -> list[str]:
     return names
 
 
-@torch.no_grad()
-def cast_floating(module: torch.nn.Module, dtype: torch.dtype) -> tuple[int, int]:
-    """Cast floating parameters and buffers outside TE layers to ``dtype``.
+def kept_by_te(module: torch.nn.Module) -> Callable[[str, torch.nn.Module], bool]:
+    """The ``skip`` of :func:`mixprec.utils.cast_floating` for ``module``: True for TE
+    layers, the modules inside them and modules sharing a tensor with one.
 
-    TE layers keep what they were built with (mixprec builds its own in ``dtype``).
-    Returns the numbers of parameters and buffers cast.
+    TE layers keep the dtype they were built with (mixprec builds its own in the
+    weights dtype; hand-placed ones are the user's choice), and so do their tensors
+    where another module holds them too.
     """
-    te_tensors = {id(t) for m in module.modules() if is_te_module(m)
-                  for t in (*m.parameters(), *m.buffers())}
-    n_params = n_buffers = 0
-    seen: set[int] = set()
-    for sub in module.modules():
-        if is_te_module(sub):
-            continue
-        for p in sub._parameters.values():
-            if p is None or id(p) in seen or id(p) in te_tensors:
-                continue
-            seen.add(id(p))
-            if p.is_floating_point() and p.dtype is not dtype:
-                p.data = p.data.to(dtype)
-                n_params += 1
-        for key, buf in sub._buffers.items():
-            if buf is None or id(buf) in te_tensors:
-                continue
-            if buf.is_floating_point() and buf.dtype is not dtype:
-                sub._buffers[key] = buf.to(dtype)
-                n_buffers += 1
-    return n_params, n_buffers
+    roots = [name for name, sub in module.named_modules() if is_te_module(sub)]
+    te_tensors = {id(t) for name in roots for sub in (module.get_submodule(name),)
+                  for t in (*sub.parameters(), *sub.buffers())}
+
+    def skip(name: str, sub: torch.nn.Module) -> bool:
+        if is_te_module(sub) or any(not r or name.startswith(r + ".") for r in roots):
+            return True
+        own = (*sub._parameters.values(), *sub._buffers.values())
+        return any(t is not None and id(t) in te_tensors for t in own)
+
+    return skip
 
 
 class _ReplacementMeta(type):

@@ -12,8 +12,17 @@ import torch
 
 import mixprec
 from mixprec.exceptions import CheckpointError, ModeOptionError
+from mixprec.utils import (
+    build_context,
+    cast_floating,
+    default_dtype,
+    device_of,
+    dtype_name,
+    normalize_patterns,
+    parse_dtype,
+)
 
-from ._convert import BUILT, cast_floating, convert_layers, revert_layers, torch_layers_as_te
+from ._convert import BUILT, convert_layers, kept_by_te, revert_layers, torch_layers_as_te
 from ._hardware import check_hardware
 from ._policy import LayerPlan, plan_layers
 from ._recipe import build_recipe, describe_recipe, is_te_recipe, normalize_recipe
@@ -31,26 +40,9 @@ __all__ = ["TransformerEngineMode"]
 
 logger = logging.getLogger("mixprec.te")
 
-_DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "16": torch.float16, "fp16": torch.float16, "float16": torch.float16,
-    "32": torch.float32, "fp32": torch.float32, "float32": torch.float32,
-}
 _NAMES = {torch.bfloat16: "transformer-engine", torch.float16: "transformer-engine-float16"}
 _SCALER_KEYS = ("init_scale", "growth_factor", "backoff_factor", "growth_interval",
                 "min_scale", "max_scale", "hysteresis")
-
-
-def _dtype(value: Any, allowed: tuple[torch.dtype, ...], what: str) -> torch.dtype:
-    dtype = _DTYPES.get(value) if isinstance(value, str) else value
-    if dtype not in allowed:
-        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
-        raise ModeOptionError(f"Unsupported {what} {value!r}; use one of {names}.")
-    return dtype  # type: ignore[no-any-return]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 class TransformerEngineMode(mixprec.PrecisionMode):
@@ -61,7 +53,8 @@ class TransformerEngineMode(mixprec.PrecisionMode):
     ``Linear`` layers run in FP8 under TE's autocast with ``recipe``; other ops run
     under ``torch.autocast`` to ``fallback_dtype``.
 
-    :param weights_dtype: ``"bf16"`` or ``"fp16"`` (or the torch dtype).
+    :param weights_dtype: ``"bf16"`` or ``"fp16"`` (or the torch dtype; any spelling
+        :func:`mixprec.utils.parse_dtype` reads).
     :param recipe: the FP8 recipe: a TE recipe object (``DelayedScaling(...)``,
         ``Float8CurrentScaling(...)``), a dict such as ``{"fp8_format": "HYBRID",
         "amax_history_len": 16, "amax_compute_algo": "max"}`` (``"scaling":
@@ -70,7 +63,10 @@ class TransformerEngineMode(mixprec.PrecisionMode):
         layers; False for models that already use TE layers where they should.
     :param fallback_dtype: autocast dtype for ops TE does not run in FP8 (default:
         ``weights_dtype``; ``"fp32"`` turns autocast off).
-    :param ignore_modules: dotted-name prefixes or globs of modules to leave alone.
+    :param ignore_modules: dotted module names or globs of modules to leave alone,
+        matched by :func:`mixprec.utils.match_module` as in every mode: a name or glob
+        selects the module and everything inside it (``"blocks.*.attn"`` keeps
+        ``blocks.0.attn.q``; ``"lm_head"`` does not select ``lm_head2``).
     :param master_weights: keep fp32 master weights in the optimizer. Default: off
         for bf16 (as Lightning), on for fp16, where it is required (torch's Adam
         cannot step fp16 parameters: its ``eps`` rounds to 0).
@@ -90,11 +86,12 @@ class TransformerEngineMode(mixprec.PrecisionMode):
         keep_output_dtype: bool = False,
         **scaler_options: Any,
     ) -> None:
-        self.weights_dtype = _dtype(weights_dtype, (torch.bfloat16, torch.float16), "weights_dtype")
+        self.weights_dtype = parse_dtype(weights_dtype, (torch.bfloat16, torch.float16),
+                                         option="weights_dtype")
         self.name = _NAMES[self.weights_dtype]
         fp16 = self.weights_dtype is torch.float16
-        self.fallback_dtype = (self.weights_dtype if fallback_dtype is None else _dtype(
-            fallback_dtype, (torch.bfloat16, torch.float16, torch.float32), "fallback_dtype"))
+        self.fallback_dtype = (self.weights_dtype if fallback_dtype is None else parse_dtype(
+            fallback_dtype, (torch.bfloat16, torch.float16, torch.float32), option="fallback_dtype"))
         if recipe is None or isinstance(recipe, Mapping):
             self.recipe_spec: dict[str, Any] | None = None if recipe is None else normalize_recipe(recipe)
             self._recipe: Any = None
@@ -109,14 +106,11 @@ class TransformerEngineMode(mixprec.PrecisionMode):
         if not isinstance(replace_layers, bool):
             raise ModeOptionError(f"replace_layers must be True or False, got {replace_layers!r}.")
         self.replace_layers = replace_layers
-        if isinstance(ignore_modules, str):
-            ignore_modules = (ignore_modules,)
-        self.ignore_modules = tuple(ignore_modules)
-        if not all(isinstance(p, str) and p for p in self.ignore_modules):
-            raise ModeOptionError(
-                "ignore_modules must be module names or globs (non-empty strings), such as "
-                "{'lm_head', 'blocks.*.attn'}."
-            )
+        patterns = (ignore_modules,) if isinstance(ignore_modules, str) else tuple(ignore_modules)
+        normalize_patterns(patterns, "ignore_modules")  # checks each entry
+        # Kept in the order given (not normalize_patterns' sorted one): options() goes into
+        # checkpoints, and those of mixprec-te 0.1 must still resume.
+        self.ignore_modules = patterns
         if master_weights is False and fp16:
             raise ModeOptionError(
                 f"{self.name} needs master_weights (fp32 copies for the optimizer): torch's "
@@ -155,7 +149,7 @@ class TransformerEngineMode(mixprec.PrecisionMode):
         if not self.replace_layers:
             opts["replace_layers"] = False
         if self.fallback_dtype is not self.weights_dtype:
-            opts["fallback_dtype"] = _dtype_name(self.fallback_dtype)
+            opts["fallback_dtype"] = dtype_name(self.fallback_dtype)
         if self.ignore_modules:
             opts["ignore_modules"] = list(self.ignore_modules)
         if not self._master_default:
@@ -204,8 +198,7 @@ class TransformerEngineMode(mixprec.PrecisionMode):
 
     def convert_module(self, module: torch.nn.Module) -> list[str]:
         te = load_te(self.name)
-        devices = {t.device for t in (*module.parameters(), *module.buffers())}
-        self.device = devices.pop() if len(devices) == 1 else torch.device("cuda")
+        self.device = device_of(module)
         plan = self.plan = self.layer_plan(module, te)
         lines: list[str] = []
         with self._on_device():
@@ -214,7 +207,7 @@ class TransformerEngineMode(mixprec.PrecisionMode):
             replaced = []
             if self.replace_layers and not plan.foreign_te:
                 replaced = convert_layers(te, module, plan, self.weights_dtype, self.device)
-        n_params, n_buffers = cast_floating(module, self.weights_dtype)
+        n_params, n_buffers = cast_floating(module, self.weights_dtype, skip=kept_by_te(module))
         lines += self._summary(plan, replaced, reverted, prebuilt, n_params, n_buffers)
         if plan.unmatched_ignores:
             warnings.warn(
@@ -226,7 +219,7 @@ class TransformerEngineMode(mixprec.PrecisionMode):
         if kept:
             names = ", ".join(f"{d.name} ({d.reason.split(':')[0]})" for d in kept)
             warnings.warn(
-                f"{len(kept)} Linear layer(s) stay in {_dtype_name(self.weights_dtype)} because "
+                f"{len(kept)} Linear layer(s) stay in {dtype_name(self.weights_dtype)} because "
                 f"FP8 GEMMs need in/out features divisible by 16: {names}. Pad them to "
                 "multiples of 16, or list them in ignore_modules to keep them on purpose.",
                 mixprec.MixprecWarning, stacklevel=4,
@@ -263,9 +256,9 @@ class TransformerEngineMode(mixprec.PrecisionMode):
         if reverted:
             lines.append(f"back to torch layers (ignore_modules): {', '.join(reverted)}")
         lines.append(f"cast {n_params} parameters and {n_buffers} buffers to "
-                     f"{_dtype_name(self.weights_dtype)}")
+                     f"{dtype_name(self.weights_dtype)}")
         autocast = ("no torch.autocast" if self.fallback_dtype is torch.float32 else
-                    f"torch.autocast({self.device.type!r}, {_dtype_name(self.fallback_dtype)})"
+                    f"torch.autocast({self.device.type!r}, {dtype_name(self.fallback_dtype)})"
                     if self.device is not None else "")
         lines.append(f"forward: TE FP8 autocast ({type(self.recipe).__name__}) inside {autocast} "
                      f"on {self.device}")
@@ -282,17 +275,12 @@ class TransformerEngineMode(mixprec.PrecisionMode):
 
     @contextlib.contextmanager
     def _init(self, te: Any, target: torch.device) -> Iterator[None]:
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(self.weights_dtype)
-        try:
-            with torch.device(target):
-                if self.replace_layers:
-                    with torch_layers_as_te(te, target):
-                        yield
-                else:
+        with build_context(self.weights_dtype, target):
+            if self.replace_layers:
+                with torch_layers_as_te(te, target):
                     yield
-        finally:
-            torch.set_default_dtype(previous)
+            else:
+                yield
 
     def unwrap_module(self, module: torch.nn.Module) -> torch.nn.Module:
         """Turn the TE layers mixprec built back into torch layers (same values)."""
@@ -311,17 +299,13 @@ class TransformerEngineMode(mixprec.PrecisionMode):
     def forward_context(self) -> Iterator[None]:  # type: ignore[override]
         te = load_te(self.name)
         device_type = self.device.type if self.device is not None else "cuda"
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(self.weights_dtype)
-        try:
-            with contextlib.ExitStack() as stack:
-                stack.enter_context(self._on_device())
-                if self.fallback_dtype is not torch.float32:
-                    stack.enter_context(torch.autocast(device_type, dtype=self.fallback_dtype))
-                stack.enter_context(fp8_autocast(te, self.recipe))
-                yield
-        finally:
-            torch.set_default_dtype(previous)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(default_dtype(self.weights_dtype))
+            stack.enter_context(self._on_device())
+            if self.fallback_dtype is not torch.float32:
+                stack.enter_context(torch.autocast(device_type, dtype=self.fallback_dtype))
+            stack.enter_context(fp8_autocast(te, self.recipe))
+            yield
 
     def convert_input(self, data: Any) -> Any:
         return mixprec.apply_to_float_tensors(data, lambda t: t.to(self.weights_dtype))

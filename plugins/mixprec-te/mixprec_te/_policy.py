@@ -7,7 +7,9 @@ tested on any machine.
 The rules, in order, for each ``nn.Linear``, ``nn.LayerNorm`` and ``nn.RMSNorm``:
 
 1. only the exact torch classes are replaced; a subclass keeps its own forward;
-2. a module matched by ``ignore_modules`` stays;
+2. a module ``ignore_modules`` selects stays: mixprec's one rule for it,
+   :func:`mixprec.utils.match_module` (a dotted name or glob selects the module
+   and everything inside it);
 3. a layer whose parameters are shared with another module (tied weights) or
    that is registered under two names stays (replacing it would untie them);
 4. ``Linear``: in and out features must be multiples of 16 (TE asserts the
@@ -17,11 +19,12 @@ The rules, in order, for each ``nn.Linear``, ``nn.LayerNorm`` and ``nn.RMSNorm``
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 import torch
+
+from mixprec.utils import match_module
 
 __all__ = [
     "FP8_DIM_MULTIPLE",
@@ -129,12 +132,9 @@ def rmsnorm_keep_reason(
     return None
 
 
-def matches(name: str, patterns: Iterable[str]) -> str | None:
-    """The first pattern that excludes module ``name`` (a dotted-name prefix or a glob)."""
-    for pattern in patterns:
-        if name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern):
-            return pattern
-    return None
+#: The first ``ignore_modules`` pattern that selects module ``name``, or None: the name
+#: this module has exported for :func:`mixprec.utils.match_module`, which it is.
+matches = match_module
 
 
 def _is_te(module: torch.nn.Module) -> bool:
@@ -174,7 +174,8 @@ def plan_layers(
 ) -> LayerPlan:
     """Decide, for every layer of ``module``, whether it becomes a TE layer.
 
-    :param ignore_modules: dotted-name prefixes or globs of modules to leave alone.
+    :param ignore_modules: dotted module names or globs of modules to leave alone, as
+        :func:`mixprec.utils.match_module` selects them.
     :param te_has_rmsnorm: whether the installed TE provides ``te.RMSNorm``.
     :param built_by_mixprec: TE layers mixprec built (``init_module``); any other TE
         layer in the model means it was converted by hand, and nothing is converted.
@@ -196,7 +197,7 @@ def plan_layers(
     for name, sub in module.named_modules():
         if any(name.startswith(root + ".") for root in te_roots):
             continue  # inside a TE layer
-        pattern = matches(name, patterns) if name else None
+        pattern = match_module(name, patterns)
         if pattern is not None:
             used.add(pattern)
         if _is_te(sub):

@@ -130,14 +130,14 @@ def test_init_module_without_te(no_te):
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"weights_dtype": "fp32"}, "Unsupported weights_dtype 'fp32'; use one of bfloat16, float16."),
-    ({"fallback_dtype": "int8"}, "Unsupported fallback_dtype 'int8'; use one of bfloat16, float16, float32."),
+    ({"weights_dtype": "fp32"}, "Unsupported weights_dtype 'fp32'; use one of 'bf16', '16'."),
+    ({"fallback_dtype": "int8"}, "Unsupported fallback_dtype 'int8'; use one of 'bf16', '16', '32'."),
     ({"weights_dtype": "fp16", "master_weights": False},
      "transformer-engine-float16 needs master_weights (fp32 copies for the optimizer)"),
     ({"init_scale": 1024.0}, "Loss-scaler options (init_scale) apply only to 'transformer-engine-float16'"),
     ({"weights_dtype": "fp16", "init_scal": 1.0}, "does not take option(s) 'init_scal'"),
     ({"weights_dtype": "fp16", "backoff_factor": 2.0}, "backoff_factor must be in (0, 1)"),
-    ({"ignore_modules": ["head", 3]}, "ignore_modules must be module names or globs"),
+    ({"ignore_modules": ["head", 3]}, "ignore_modules takes dotted module names or globs such as 'lm_head' or 'blocks.*.attn'; got 3."),
     ({"replace_layers": "yes"}, "replace_layers must be True or False, got 'yes'."),
 ])
 def test_bad_mode_options(kwargs, message):
