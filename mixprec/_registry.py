@@ -85,7 +85,14 @@ def owns(distribution: str, entry_point: str) -> bool:
 
 
 class Registry:
-    """Modes from the core and from plugins, loaded lazily on first use.
+    """Modes from the core and from plugins, loaded lazily.
+
+    The core modes are registered on first use. Installed plugins are imported
+    only when a name that is not a core mode is looked up, or when the full
+    listing is asked for (:meth:`modes`, :meth:`broken`, :meth:`conflicts`): a
+    plugin can never replace a core mode, so wrapping with one needs no plugin,
+    and a slow or misbehaving plugin costs nothing to a program that does not
+    use it.
 
     :param entry_points: discover plugins through the ``mixprec`` entry-point
         group (filtered by ``MIXPREC_LOAD_PLUGINS``). Tests pass False and
@@ -96,7 +103,8 @@ class Registry:
         self._entry_points = entry_points
         self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self._pm.add_hookspecs(hookspecs)
-        self._loaded = False
+        self._loaded = False  # the core modes and plugins registered by hand
+        self._plugins_loaded = False  # the installed plugins (entry points)
         self._dists: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
         self._broken: dict[str, str] = {}
         self._modes: dict[str, ModeEntry] = {}
@@ -105,6 +113,7 @@ class Registry:
     # -- loading -------------------------------------------------------------
 
     def _ensure_loaded(self) -> None:
+        """Register the core modes (once); installed plugins stay unloaded."""
         if self._loaded:
             return
         self._loaded = True
@@ -112,9 +121,17 @@ class Registry:
 
         self._pm.register(_modes, name="mixprec")
         self._dists["mixprec"] = ("mixprec", __version__)
+        self._collect()
+
+    def _ensure_plugins(self) -> None:
+        """Load the installed plugins (once), for a plugin mode or the full listing."""
+        self._ensure_loaded()
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
         if self._entry_points:
             self._load_entry_points()
-        self._collect()
+            self._collect()
 
     def _load_entry_points(self) -> None:
         """Load the entry points ``MIXPREC_LOAD_PLUGINS`` allows (all when unset).
@@ -211,22 +228,29 @@ class Registry:
 
     def modes(self) -> dict[str, ModeEntry]:
         """Every usable mode by name."""
-        self._ensure_loaded()
+        self._ensure_plugins()
         return dict(sorted(self._modes.items()))
 
     def broken(self) -> dict[str, str]:
         """Plugins (or modes) that could not be loaded, with the reason."""
-        self._ensure_loaded()
+        self._ensure_plugins()
         return dict(self._broken)
 
     def conflicts(self) -> dict[str, list[str]]:
         """Mode names claimed by more than one distribution."""
-        self._ensure_loaded()
+        self._ensure_plugins()
         return {k: list(v) for k, v in self._conflicts.items()}
 
     def entry(self, name: str) -> ModeEntry:
-        """The registered mode ``name``; raises a helpful error if there is none."""
+        """The registered mode ``name``; raises a helpful error if there is none.
+
+        A core mode is returned without loading the installed plugins.
+        """
         self._ensure_loaded()
+        core = self._modes.get(name)
+        if core is not None and core.provider == "mixprec":
+            return core
+        self._ensure_plugins()
         if name in self._modes:
             return self._modes[name]
         if name in self._conflicts:

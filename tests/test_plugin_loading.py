@@ -7,6 +7,7 @@ The distributions here are really installed (see ``installed_dists``): a
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Iterator
 
@@ -118,3 +119,51 @@ def test_a_plugin_that_exits_at_import_does_not_break_a_core_wrap(site):
     with mixprec.use_registry(mixprec.Registry()):
         model = mixprec.wrap(torch.nn.Linear(4, 4), mode="bf16-mixed")
     assert model(torch.randn(2, 4)).shape == (2, 4)
+
+
+# -- item 10: plugins are imported only when a plugin mode or the full listing is asked for --
+
+
+def _install_sidefx(site: Site) -> None:
+    site.install("mixprec-sidefx", entry_points={"mixprec-sidefx": "sidefx_plugin"},
+                 modules={"sidefx_plugin": plugin_source(("sidefx-mode", "precision"))})
+
+
+def test_a_core_mode_does_not_import_plugins_a_plugin_mode_does(site):
+    _install_sidefx(site)
+    with mixprec.use_registry(mixprec.Registry()):
+        model = torch.nn.Linear(4, 4)
+        mixprec.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), "bf16-mixed")
+        mixprec.wrap(torch.nn.Linear(4, 4), mode="bf16-true", master_weights=True)
+        assert "sidefx_plugin" not in sys.modules
+        model = torch.nn.Linear(4, 4)
+        _, opt = mixprec.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), "sidefx-mode")
+        assert "sidefx_plugin" in sys.modules and opt.precision.mode_name == "sidefx-mode"
+
+
+@pytest.mark.parametrize("listing", ["modes", "broken", "conflicts"])
+def test_the_full_listing_imports_plugins(site, listing):
+    _install_sidefx(site)
+    reg = mixprec.Registry()
+    assert reg.entry("bf16-true").provider == "mixprec"
+    assert "sidefx_plugin" not in sys.modules
+    getattr(reg, listing)()
+    assert "sidefx_plugin" in sys.modules
+    assert reg.modes()["sidefx-mode"].provider == "mixprec-sidefx"
+
+
+def test_an_unknown_mode_lists_plugin_modes_too(site):
+    _install_sidefx(site)
+    with pytest.raises(UnknownModeError, match="Did you mean 'sidefx-mode'") as info:
+        mixprec.Registry().entry("sidefx-mod")
+    assert "sidefx-mode" in info.value.available
+
+
+def test_a_core_wrap_in_a_fresh_interpreter_imports_no_plugin():
+    code = ("import sys, torch, mixprec; "
+            "mixprec.wrap(torch.nn.Linear(2, 2), mode='bf16-mixed'); "
+            "print(sorted(m for m in sys.modules if m.startswith('mixprec_testplugin'))); "
+            "mixprec.wrap(torch.nn.Linear(2, 2), mode='testplugin-rounded'); "
+            "print('mixprec_testplugin.plugin' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["[]", "True"]
