@@ -187,7 +187,7 @@ def unscale_and_check(grads: Sequence[torch.Tensor], scale: float) -> bool:
     """Divide ``grads`` by ``scale`` in place; return True if any is inf/NaN."""
     flags = []
     for (device, _), group in _grouped(grads).items():
-        found = torch.zeros(1, device=device)
+        found = torch.zeros(1, dtype=torch.float32, device=device)
         inv = torch.full((1,), 1.0 / scale, dtype=torch.float32, device=device)
         torch._amp_foreach_non_finite_check_and_unscale_(group, found, inv)
         flags.append(found)

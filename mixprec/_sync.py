@@ -147,7 +147,8 @@ class DistributedSync:
             return found_inf
         import torch.distributed as dist
 
-        flag = torch.tensor([1.0 if found_inf else 0.0], device=device or "cpu")
+        flag = torch.tensor([1.0 if found_inf else 0.0], dtype=torch.float32,
+                            device=device or "cpu")
         for group in groups:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item())

@@ -51,6 +51,7 @@ class ConformanceNet(torch.nn.Module):
         self.fc1 = torch.nn.Linear(features, hidden)
         self.norm = torch.nn.LayerNorm(hidden)
         self.fc2 = torch.nn.Linear(hidden, features)
+        # in the default dtype, like the layers: init_module builds it in the mode's
         self.register_buffer("out_scale", torch.ones(features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,13 +61,13 @@ class ConformanceNet(torch.nn.Module):
 @functools.lru_cache(maxsize=4)
 def _teacher(features: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1234)
-    return torch.randn(features, features, generator=g) / features**0.5
+    return torch.randn(features, features, generator=g, dtype=torch.float32) / features**0.5
 
 
 def default_batch(index: int, batch_size: int, features: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and a learnable target (``tanh`` of a fixed linear map), cycling over 4 batches."""
     g = torch.Generator().manual_seed(index % 4)
-    x = torch.randn(batch_size, features, generator=g)
+    x = torch.randn(batch_size, features, generator=g, dtype=torch.float32)
     return x, torch.tanh(x @ _teacher(features))
 
 
