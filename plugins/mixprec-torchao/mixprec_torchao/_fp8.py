@@ -19,6 +19,7 @@ import torch
 
 import mixprec
 from mixprec.exceptions import ModeOptionError, UnsupportedDeviceError, WrapError
+from mixprec.utils import cast_floating, device_of, normalize_patterns, parse_dtype
 
 from ._deps import import_torchao
 from ._select import ROOT, Fp8Plan, ModuleFilter, display_name, plan_fp8_layers, unmatched_patterns
@@ -36,8 +37,6 @@ _RECIPE_WORDS = {
     "rowwise": "one scale per row; e4m3 throughout, power-of-2 scales",
     "rowwise_with_gw_hp": "rowwise e4m3, grad-weight GEMM kept in high precision",
 }
-_BF16 = ("bf16", "bfloat16", torch.bfloat16)
-_FP32 = ("32", "fp32", "float32", torch.float32)
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
                "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
@@ -46,12 +45,17 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
 _MIN_CAPABILITY = (8, 9)
 
 
-def _parse_dtype(value: Any, allowed: dict[str, tuple[Any, ...]], option: str) -> str | None:
-    for name, spellings in allowed.items():
-        if value in spellings:
-            return name
-    shown = ", ".join(repr(s[0]) for s in allowed.values())
-    raise ModeOptionError(f"Option {option}={value!r} is not supported; use one of {shown}.")
+def _autocast_option(value: Any) -> torch.dtype | None:
+    """The ``autocast`` option: None (or ``"none"``) for no autocast, else bf16 in any
+    spelling :func:`mixprec.utils.parse_dtype` reads."""
+    if value is None or value == "none":
+        return None
+    try:
+        return parse_dtype(value, (torch.bfloat16,), option="autocast")
+    except ModeOptionError:
+        raise ModeOptionError(
+            f"Unsupported autocast {value!r}; use one of 'bf16', 'none'."
+        ) from None
 
 
 class Float8Training(mixprec.PrecisionMode):
@@ -62,13 +66,16 @@ class Float8Training(mixprec.PrecisionMode):
         mode names ``"fp8-tensorwise"``, ``"fp8-rowwise"``, ``"fp8-rowwise-gw-hp"``).
     :param ignore_modules: modules whose ``nn.Linear`` layers stay in high precision, by
         full dotted path as ``named_modules()`` shows it (``"lm_head"``,
-        ``"blocks.0.attn"``) or ``fnmatch`` glob (``"blocks.*.mlp.down"``); naming a
-        parent keeps every Linear inside it. A name that matches no module is an error.
+        ``"blocks.0.attn"``) or ``fnmatch`` glob (``"blocks.*.mlp.down"``), matched by
+        :func:`mixprec.utils.match_module` as in every mode: a name or glob that selects
+        a parent keeps every Linear inside it. A name that matches no module is an error.
     :param module_filter: ``fn(linear, fqn) -> bool``; False keeps the layer (torchao's
         ``module_filter_fn``). Called once per ``nn.Linear`` at ``wrap``.
     :param autocast: ``"bf16"`` (default): everything outside the FP8 GEMMs runs under
-        ``torch.autocast(dtype=torch.bfloat16)``; ``None``: it runs in ``param_dtype``.
-    :param param_dtype: ``"32"`` (default) or ``"bf16"``: the dtype parameters and
+        ``torch.autocast(dtype=torch.bfloat16)``; ``None`` (or ``"none"``): it runs in
+        ``param_dtype``.
+    :param param_dtype: ``"32"`` (default) or ``"bf16"`` (or the torch dtype; any
+        spelling :func:`mixprec.utils.parse_dtype` reads): the dtype parameters and
         buffers are stored in.
     :param master_weights: with ``param_dtype="bf16"``, keep fp32 master copies in the
         optimizer (as ``bf16-true`` with ``master_weights=True``).
@@ -103,29 +110,16 @@ class Float8Training(mixprec.PrecisionMode):
             )
         self.recipe = recipe
         self.name = next(k for k, v in RECIPES.items() if v == recipe)
-        if isinstance(ignore_modules, str):
-            ignore_modules = (ignore_modules,)
-        patterns = tuple(ignore_modules)
-        if not all(isinstance(p, str) and p for p in patterns):
-            raise ModeOptionError(
-                f"ignore_modules must be module names (strings), got {patterns!r}; "
-                "pass e.g. ignore_modules=['lm_head']."
-            )
-        self.ignore_modules = tuple(sorted(set(patterns)))
+        self.ignore_modules = normalize_patterns(ignore_modules, "ignore_modules")
         if module_filter is not None and not callable(module_filter):
             raise ModeOptionError(
                 f"module_filter must be a function (module, fqn) -> bool, got "
                 f"{type(module_filter).__name__}."
             )
         self.module_filter = module_filter
-        self.autocast_dtype = (
-            torch.bfloat16 if _parse_dtype(autocast, {"bf16": _BF16, "none": ("none", None)},
-                                           "autocast") == "bf16" else None
-        )
-        self._param_dtype = (
-            torch.bfloat16 if _parse_dtype(param_dtype, {"32": _FP32, "bf16": _BF16},
-                                           "param_dtype") == "bf16" else torch.float32
-        )
+        self.autocast_dtype = _autocast_option(autocast)
+        self._param_dtype = parse_dtype(param_dtype, (torch.float32, torch.bfloat16),
+                                        option="param_dtype")
         if master_weights and self._param_dtype is torch.float32:
             raise ModeOptionError(
                 "master_weights=True needs param_dtype='bf16'; with fp32 parameters the "
@@ -231,17 +225,19 @@ class Float8Training(mixprec.PrecisionMode):
 
     def convert_module(self, module: torch.nn.Module) -> list[str]:
         plan = self._plan
+        device = device_of(module)
         if plan is None:  # convert_module without validate: plan now (it may raise)
-            self.validate(module, _device_of(module))
+            self.validate(module, device)
             plan = self._plan
         assert plan is not None
-        devices = {t.device.type for t in module.parameters()}
-        self.device_type = devices.pop() if len(devices) == 1 else "cpu"
+        self.device_type = device.type
 
         lines = [f"fp8 recipe {self.recipe} (torchao Float8Linear, {_RECIPE_WORDS[self.recipe]}"
                  f"{', emulated GEMMs' if self.emulate else ''})"]
         if self._param_dtype is not torch.float32:
-            lines.append(_cast_module(module, self._param_dtype))
+            n_params, n_buffers = cast_floating(module, self._param_dtype)
+            lines.append(f"cast {n_params} parameters and {n_buffers} buffers to "
+                         f"{self._param_dtype}")
 
         originals = {fqn: module.get_submodule(fqn) for fqn in plan.convert}
         wanted = set(plan.convert)
@@ -374,24 +370,3 @@ def _plain_linear(layer: torch.nn.Module) -> torch.nn.Linear:
     linear.bias = layer.bias
     _carry_module_state(layer, linear)
     return linear
-
-
-def _cast_module(module: torch.nn.Module, dtype: torch.dtype) -> str:
-    n_params = n_buffers = 0
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.is_floating_point() and p.dtype is not dtype:
-                p.data = p.data.to(dtype)
-                n_params += 1
-        for sub in module.modules():
-            for key, buf in sub._buffers.items():
-                if buf is not None and buf.is_floating_point() and buf.dtype is not dtype:
-                    sub._buffers[key] = buf.to(dtype)
-                    n_buffers += 1
-    return f"cast {n_params} parameters and {n_buffers} buffers to {dtype}"
-
-
-def _device_of(module: torch.nn.Module) -> torch.device:
-    for t in (*module.parameters(), *module.buffers()):
-        return t.device
-    return torch.device("cpu")

@@ -2,18 +2,20 @@
 
 Pure bookkeeping over module names, kept apart from the conversion so that
 ``validate`` can compute the whole plan (and raise) before anything changes.
+``ignore_modules`` is matched by :func:`mixprec.utils.match_module`, the one rule of
+every mode (mixprec-bnb's and mixprec-te's too).
 """
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["ROOT", "Fp8Plan", "display_name", "matches", "plan_fp8_layers", "unmatched_patterns"]
+from mixprec.utils import closest_name, match_module
+
+__all__ = ["ROOT", "Fp8Plan", "display_name", "plan_fp8_layers", "unmatched_patterns"]
 
 #: The name a module has for itself in ``named_modules()``.
 ROOT = ""
@@ -37,37 +39,11 @@ def display_name(fqn: str) -> str:
     return fqn if fqn else "(the root module)"
 
 
-def matches(fqn: str, pattern: str) -> bool:
-    """True if module ``fqn`` is named by ``pattern``: its full dotted path, or an
-    ``fnmatch`` glob of it (``"layers.*.mlp.down_proj"``; ``*`` also crosses dots).
-
-    The same rule as mixprec-bnb's and mixprec-te's ``ignore_modules``; a pattern that
-    names a parent also covers everything inside it (see :func:`plan_fp8_layers`).
-    """
-    if not fqn:
-        return False
-    return fnmatch.fnmatchcase(fqn, pattern)
-
-
-def _excluding_pattern(fqn: str, patterns: Iterable[str]) -> str | None:
-    """The first pattern naming ``fqn`` or one of its parents."""
-    parts = fqn.split(".") if fqn else []
-    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
-    for pattern in patterns:
-        if any(matches(prefix, pattern) for prefix in prefixes):
-            return pattern
-    return None
-
-
 def unmatched_patterns(module: torch.nn.Module, patterns: Iterable[str]) -> list[tuple[str, str | None]]:
-    """The patterns that name no module, each with the closest module name (or None)."""
+    """The patterns that select no module, each with the closest module name (or None)."""
     names = [n for n, _ in module.named_modules(remove_duplicate=False) if n]
-    out = []
-    for pattern in patterns:
-        if not any(matches(n, pattern) for n in names):
-            close = difflib.get_close_matches(pattern, names, n=1)
-            out.append((pattern, close[0] if close else None))
-    return out
+    return [(pattern, closest_name(pattern, names)) for pattern in patterns
+            if not any(match_module(n, (pattern,)) for n in names)]
 
 
 def plan_fp8_layers(
@@ -91,7 +67,7 @@ def plan_fp8_layers(
         if type(sub) is not torch.nn.Linear:
             plan.kept.append((fqn, f"a subclass of nn.Linear ({type(sub).__name__}), not swapped"))
             continue
-        pattern = _excluding_pattern(fqn, patterns)
+        pattern = match_module(fqn, patterns)
         if pattern is not None:
             plan.kept.append((fqn, f"excluded by ignore_modules {pattern!r}"))
             continue
