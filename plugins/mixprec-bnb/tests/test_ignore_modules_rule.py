@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mixprec_bnb import BitsandbytesMode
+from mixprec_bnb import BitsandbytesMode, QuantLinear4bit
 
 import mixprec
 from mixprec.utils import match_module
@@ -64,5 +64,7 @@ def test_match_module_selects_the_table(patterns: list[str], selected: set[str])
 @pytest.mark.parametrize(("patterns", "selected"), CASES, ids=[str(c[0]) for c in CASES])
 def test_the_mode_excludes_what_match_module_selects(patterns: list[str], selected: set[str]) -> None:
     wrapped = mixprec.wrap(build_model(), None, BitsandbytesMode("nf4", ignore_modules=patterns))
+    quantized = {n for n, m in wrapped.named_modules() if isinstance(m, QuantLinear4bit)}
+    assert quantized == set(LINEARS) - selected
     kept = {n for n, m in wrapped.named_modules() if type(m) is torch.nn.Linear}
     assert kept == {n for n in LINEARS if match_module(n, patterns)} == selected
