@@ -27,6 +27,11 @@ def _modes(args: argparse.Namespace) -> int:
         print("\nbroken plugins:")
         for name, reason in broken.items():
             print(f"  {name}: {reason}")
+    unmatched = reg.unmatched()
+    if unmatched:
+        print("\nMIXPREC_LOAD_PLUGINS names plugins that are not installed:")
+        for name, reason in unmatched.items():
+            print(f"  {name}: {reason}")
     conflicts = reg.conflicts()
     if conflicts:
         print("\nconflicting mode names (not usable until one provider is removed):")

@@ -20,6 +20,8 @@ from ._modestring import NAME_RE, ModePart, parse_mode_string
 from ._version import PLUGIN_API_VERSION, __version__
 from .exceptions import (
     DuplicateModeError,
+    MissingDependencyError,
+    ModeFactoryError,
     ModeOptionError,
     ModeSyntaxError,
     PluginError,
@@ -109,6 +111,9 @@ class Registry:
         self._broken: dict[str, str] = {}
         self._modes: dict[str, ModeEntry] = {}
         self._conflicts: dict[str, list[str]] = {}
+        # installed plugins MIXPREC_LOAD_PLUGINS leaves out: normalised name -> (dist, version)
+        self._excluded: dict[str, tuple[str, str]] = {}
+        self._unmatched: dict[str, str] = {}  # names in MIXPREC_LOAD_PLUGINS, installed nowhere
 
     # -- loading -------------------------------------------------------------
 
@@ -142,14 +147,20 @@ class Registry:
         imported and is reported in :meth:`broken`, naming both distributions.
         """
         wanted = os.environ.get(LOAD_ENV)
-        allowed = None if wanted is None else {
-            normalize(n.strip()) for n in wanted.split(",") if n.strip()}
+        listed = [] if wanted is None else [n.strip() for n in wanted.split(",") if n.strip()]
+        allowed = None if wanted is None else {normalize(n) for n in listed}
+        installed: dict[str, str] = {}  # what the variable can name: normalised -> as declared
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-            if allowed is not None and normalize(ep.name) not in allowed:
-                continue
             dist = getattr(ep, "dist", None)
             dist_name = dist.name if dist is not None else "an unknown distribution"
-            if dist is None or not owns(dist_name, ep.name):
+            genuine = dist is not None and owns(dist_name, ep.name)
+            if genuine:
+                installed.setdefault(normalize(ep.name), ep.name)
+            if allowed is not None and normalize(ep.name) not in allowed:
+                if genuine:
+                    self._excluded.setdefault(normalize(ep.name), (dist_name, dist.version))
+                continue
+            if not genuine:
                 self._broken[f"{dist_name}:{ep.name}"] = (
                     f"entry point {ep.name!r} is declared by distribution {dist_name!r}, "
                     f"not by {ep.name}: not loaded"
@@ -164,6 +175,15 @@ class Registry:
                 self._broken[ep.name] = _failure(exc)
                 continue
             self._dists[ep.name] = (dist_name, dist.version)
+        for name in listed:
+            if normalize(name) in installed or normalize(name) == "mixprec":
+                continue
+            close = difflib.get_close_matches(normalize(name), list(installed), n=1)
+            self._unmatched[name] = (
+                "no installed distribution provides a mixprec plugin of that name; " + (
+                    f"did you mean {installed[close[0]]!r}?" if close else
+                    f"installed: {', '.join(sorted(installed.values()))}" if installed else
+                    "no mixprec plugin is installed"))
 
     def _collect(self) -> None:
         modes: dict[str, ModeEntry] = {}
@@ -241,6 +261,12 @@ class Registry:
         self._ensure_plugins()
         return {k: list(v) for k, v in self._conflicts.items()}
 
+    def unmatched(self) -> dict[str, str]:
+        """Names in ``MIXPREC_LOAD_PLUGINS`` that match no installed plugin, with a
+        did-you-mean: a misspelt name there would otherwise leave a plugin out silently."""
+        self._ensure_plugins()
+        return dict(self._unmatched)
+
     def entry(self, name: str) -> ModeEntry:
         """The registered mode ``name``; raises a helpful error if there is none.
 
@@ -268,10 +294,24 @@ class Registry:
         if close and close[0] != name:
             message += f" Did you mean {close[0]!r}?"
         if provider is not None:
-            message += f" Mode {name!r} is provided by {provider}: pip install {provider}"
+            message += self._provider_hint(name, provider)
         elif close and (hint := first_party_provider(close[0])) and close[0] not in self._modes:
-            message += f" Mode {close[0]!r} is provided by {hint}: pip install {hint}"
+            message += self._provider_hint(close[0], hint)
+        elif self._excluded:
+            message += (f" Installed plugins that {LOAD_ENV} leaves out: "
+                        f"{', '.join(sorted(self._excluded))}.")
         raise UnknownModeError(message, mode=name, available=available, provider=provider)
+
+    def _provider_hint(self, mode: str, provider: str) -> str:
+        """Where first-party ``mode`` comes from: its ``pip install``, or, where its
+        distribution is installed but left out by ``MIXPREC_LOAD_PLUGINS``, that."""
+        excluded = self._excluded.get(normalize(provider))
+        if excluded is None:
+            return f" Mode {mode!r} is provided by {provider}: pip install {provider}"
+        dist, version = excluded
+        return (f" Mode {mode!r} is provided by {dist} {version}, which is installed but not "
+                f"loaded: {LOAD_ENV}={os.environ.get(LOAD_ENV, '')!r} leaves it out; add "
+                f"{dist} to it or unset it.")
 
     # -- building ------------------------------------------------------------
 
@@ -337,6 +377,25 @@ class Registry:
             obj = entry.spec.factory(**options)
         except TypeError as exc:
             raise ModeOptionError(f"Mode {part.name!r} rejected its options: {exc}.") from None
+        except MissingDependencyError:
+            raise  # the plugin's own, clear error
+        except ImportError as exc:
+            missing = exc.name
+            what = (f"cannot import {missing!r} ({exc})" if missing
+                    else f"failed to import: {exc}")
+            raise ModeFactoryError(
+                f"Mode {part.name!r} of {entry.provider} cannot be built: its factory {what}; "
+                "install the library that provides it, or reinstall the plugin with its "
+                f"dependencies: pip install --force-reinstall {entry.provider}.",
+                plugin=entry.provider, mode=part.name, missing=missing,
+            ) from exc
+        if not isinstance(obj, (PrecisionMode, OptimizerMode)):
+            raise ModeFactoryError(
+                f"Mode {part.name!r} of {entry.provider} cannot be built: its factory returned "
+                f"{type(obj).__name__}, not a PrecisionMode or OptimizerMode; that is a bug in "
+                f"{entry.provider}: upgrade it, or report it to its authors.",
+                plugin=entry.provider, mode=part.name, missing=None,
+            )
         if not getattr(obj, "name", ""):
             obj.name = part.name
         return obj

@@ -15,8 +15,10 @@ builtin it behaves like, so ``except ValueError`` keeps working::
     │   ├── AlreadyWrappedError
     │   └── OptimizerMismatchError
     ├── BackwardError (RuntimeError)
+    ├── NumericsError (FloatingPointError)
     ├── CheckpointError (ValueError)
     └── PluginError (RuntimeError)
+        └── ModeFactoryError
 
 Each error carries the facts it talks about as attributes (``.mode``,
 ``.available``, ``.provider`` …) so programs need not parse messages.
@@ -35,8 +37,10 @@ __all__ = [
     "MixprecError",
     "MixprecWarning",
     "ModeError",
+    "ModeFactoryError",
     "ModeOptionError",
     "ModeSyntaxError",
+    "NumericsError",
     "OptimizerMismatchError",
     "PluginError",
     "UnknownModeError",
@@ -140,6 +144,15 @@ class BackwardError(MixprecError, RuntimeError):
     """Gradients did not come through ``opt.backward(loss)`` where the mode needs it."""
 
 
+class NumericsError(MixprecError, FloatingPointError):
+    """A value no longer fits its dtype (an fp16 weight past 65504); ``.parameter``
+    names it. Raised before the model is written: the weights stay finite."""
+
+    def __init__(self, message: str, *, parameter: str | None = None) -> None:
+        super().__init__(message)
+        self.parameter = parameter
+
+
 class CheckpointError(MixprecError, ValueError):
     """A checkpoint does not fit the wrapped model, optimizer or mode."""
 
@@ -153,3 +166,19 @@ class PluginError(MixprecError, RuntimeError):
     def __init__(self, message: str, *, plugin: str) -> None:
         super().__init__(message)
         self.plugin = plugin
+
+
+class ModeFactoryError(PluginError):
+    """A plugin's mode factory failed to build its mode: an import inside it
+    failed, or it returned something that is not a mode.
+
+    :ivar plugin: the distribution that provides the mode.
+    :ivar mode: the mode's name.
+    :ivar missing: the module that could not be imported, if an import failed and
+        the module is known.
+    """
+
+    def __init__(self, message: str, *, plugin: str, mode: str, missing: str | None) -> None:
+        super().__init__(message, plugin=plugin)
+        self.mode = mode
+        self.missing = missing

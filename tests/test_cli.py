@@ -43,3 +43,14 @@ def test_modes_lists_everything_when_a_plugin_exits_at_import(site, capsys):
     out = capsys.readouterr().out
     assert "\nbf16-mixed " in out and "testplugin-rounded" in out
     assert "  mixprec-exits: SystemExit: 3\n" in out
+
+
+def test_modes_names_what_mixprec_load_plugins_asks_for_but_is_not_installed(monkeypatch, capsys):
+    monkeypatch.setenv("MIXPREC_LOAD_PLUGINS", "mixprec-testplugn")
+    with mixprec.use_registry(mixprec.Registry()):
+        assert main(["modes"]) == 0
+    out = capsys.readouterr().out
+    assert "testplugin-rounded" not in out
+    assert ("\nMIXPREC_LOAD_PLUGINS names plugins that are not installed:\n"
+            "  mixprec-testplugn: no installed distribution provides a mixprec plugin of that "
+            "name; did you mean 'mixprec-testplugin'?\n") in out

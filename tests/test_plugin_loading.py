@@ -167,3 +167,53 @@ def test_a_core_wrap_in_a_fresh_interpreter_imports_no_plugin():
             "print('mixprec_testplugin.plugin' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split("\n")[:2] == ["[]", "True"]
+
+
+# -- item 11: what MIXPREC_LOAD_PLUGINS does is said where it matters --
+
+
+def test_an_underscore_spelling_loads_an_installed_first_party_plugin(site, monkeypatch):
+    _install_real_bnb(site)
+    monkeypatch.setenv("MIXPREC_LOAD_PLUGINS", "mixprec_bnb")
+    with mixprec.use_registry(mixprec.Registry()) as reg:
+        model = torch.nn.Linear(4, 4)
+        _, opt = mixprec.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), "nf4")
+        assert opt.precision.mode_name == "nf4"
+        assert reg.unmatched() == {}
+
+
+def test_a_first_party_plugin_left_out_by_the_variable_is_not_a_pip_install(site, monkeypatch):
+    _install_real_bnb(site)
+    monkeypatch.setenv("MIXPREC_LOAD_PLUGINS", "mixprec-testplugin")
+    reg = mixprec.Registry()
+    for mode, named in (("adamw8bit", "adamw8bit"), ("nf5", "nf4")):  # a misspelling too
+        with pytest.raises(UnknownModeError) as info:
+            reg.entry(mode)
+        message = str(info.value)
+        assert "pip install" not in message
+        assert (f"Mode {named!r} is provided by mixprec-bnb 0.1.0, which is installed but not "
+                "loaded: MIXPREC_LOAD_PLUGINS='mixprec-testplugin' leaves it out; add "
+                "mixprec-bnb to it or unset it." in message)
+    assert "genuine_bnb" not in sys.modules
+
+
+def test_an_unknown_mode_names_the_installed_plugins_the_variable_leaves_out(site, monkeypatch):
+    _install_sidefx(site)
+    monkeypatch.setenv("MIXPREC_LOAD_PLUGINS", "mixprec-testplugin")
+    with pytest.raises(UnknownModeError) as info:
+        mixprec.Registry().entry("sidefx-mode")
+    assert str(info.value).endswith(" Installed plugins that MIXPREC_LOAD_PLUGINS leaves out: "
+                                    "mixprec-sidefx, mixprec-testplugin-broken.")
+
+
+def test_a_name_in_the_variable_that_matches_no_installed_plugin_is_reported(site, monkeypatch):
+    _install_real_bnb(site)
+    monkeypatch.setenv("MIXPREC_LOAD_PLUGINS", "mixprec-bnbb, mixprec, mixprec-testplugin, zzz")
+    reg = mixprec.Registry()
+    assert reg.unmatched() == {
+        "mixprec-bnbb": "no installed distribution provides a mixprec plugin of that name; "
+                        "did you mean 'mixprec-bnb'?",
+        "zzz": "no installed distribution provides a mixprec plugin of that name; installed: "
+               "mixprec-bnb, mixprec-testplugin, mixprec-testplugin-broken",
+    }
+    assert "testplugin-rounded" in reg.modes() and "nf4" not in reg.modes()

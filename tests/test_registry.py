@@ -10,8 +10,10 @@ import torch
 import mixprec
 from mixprec.exceptions import (
     DuplicateModeError,
+    MissingDependencyError,
     ModeOptionError,
     ModeSyntaxError,
+    PluginError,
     UnknownModeError,
 )
 
@@ -217,3 +219,52 @@ def test_a_plugin_cannot_replace_a_core_mode(fresh_registry):
                             distribution="mixprec-hijack")
     assert fresh_registry.entry("bf16-true").provider == "mixprec"
     assert "is a core mode" in fresh_registry.broken()["mixprec-hijack:bf16-true"]
+
+
+# -- what a mode factory does wrong is the plugin's error, named as such --
+
+
+def _register_factory(reg, factory, kind="precision"):
+    reg.register(_plugin(mixprec.ModeSpec("yours-int4", factory, "x", kind=kind)), name="yours",
+                 distribution="mixprec-yours", version="1.2")
+
+
+def test_a_factory_that_cannot_import_its_library_is_a_plugin_error(fresh_registry):
+    def factory():
+        import yourlib_that_is_not_installed  # noqa: F401
+
+    _register_factory(fresh_registry, factory)
+    with pytest.raises(PluginError) as info:
+        fresh_registry.build("yours-int4", {})
+    err = info.value
+    assert (err.plugin, err.mode, err.missing) == ("mixprec-yours", "yours-int4",
+                                                  "yourlib_that_is_not_installed")
+    assert str(err) == (
+        "Mode 'yours-int4' of mixprec-yours cannot be built: its factory cannot import "
+        "'yourlib_that_is_not_installed' (No module named 'yourlib_that_is_not_installed'); "
+        "install the library that provides it, or reinstall the plugin with its dependencies: "
+        "pip install --force-reinstall mixprec-yours.")
+    assert isinstance(err.__cause__, ImportError)
+
+
+def test_a_factory_that_returns_no_mode_is_a_plugin_error(fresh_registry):
+    _register_factory(fresh_registry, lambda: 42)
+    with pytest.raises(PluginError, match=r"^Mode 'yours-int4' of mixprec-yours cannot be built: "
+                                          r"its factory returned int, not a PrecisionMode or "
+                                          r"OptimizerMode; .*mixprec-yours") as info:
+        fresh_registry.build("yours-int4", {})
+    assert (info.value.plugin, info.value.mode, info.value.missing) == (
+        "mixprec-yours", "yours-int4", None)
+
+
+def test_a_factory_s_missing_dependency_error_and_bad_options_keep_their_errors(fresh_registry):
+    def factory(*, group_size: int = 64):
+        if group_size == 0:
+            raise TypeError("group_size must not be 0")
+        raise MissingDependencyError("Mode 'yours-int4' needs yourlib.", package="yourlib")
+
+    _register_factory(fresh_registry, factory)
+    with pytest.raises(MissingDependencyError, match="needs yourlib"):
+        fresh_registry.build("yours-int4", {})
+    with pytest.raises(ModeOptionError, match="rejected its options: group_size must not be 0"):
+        fresh_registry.build("yours-int4", {"group_size": 0})
