@@ -30,6 +30,7 @@ import torch
 
 import mixprec
 from mixprec.exceptions import CheckpointError, ModeOptionError, UnsupportedDeviceError
+from mixprec.utils import cast_floating
 
 from ._rounding import stochastic_round_to_bf16
 
@@ -82,17 +83,8 @@ class Bf16StochasticRounding(mixprec.PrecisionMode):
             )
 
     def convert_module(self, module: torch.nn.Module) -> list[str]:
-        n_params = n_buffers = 0
-        with torch.no_grad():
-            for p in module.parameters():
-                if p.is_floating_point() and p.dtype is not torch.bfloat16:
-                    p.data = p.data.to(torch.bfloat16)  # a new tensor: wrap can roll it back
-                    n_params += 1
-            for sub in module.modules():
-                for key, buf in sub._buffers.items():
-                    if buf is not None and buf.is_floating_point() and buf.dtype is not torch.bfloat16:
-                        sub._buffers[key] = buf.to(torch.bfloat16)
-                        n_buffers += 1
+        # New tensors in the same Parameter objects: wrap can roll the cast back.
+        n_params, n_buffers = cast_floating(module, torch.bfloat16)
         return [
             f"cast {n_params} parameters and {n_buffers} buffers to torch.bfloat16",
             f"optimizer math and state in fp32; updates stochastically rounded to bf16 "
