@@ -26,7 +26,7 @@ from ._interface import (
 from ._options import check_bool
 from ._scaler import LossScaler, ScalerConfig
 from ._tensors import apply_to_float_tensors
-from .exceptions import ModeOptionError, UnsupportedDeviceError
+from .exceptions import ModeOptionError, UnsupportedDeviceError, WrapError
 from .hookspecs import hookimpl
 
 __all__ = ["MixedPrecision", "TruePrecision"]
@@ -113,6 +113,18 @@ class TruePrecision(_ScalingOptions, PrecisionMode):
             opts["keep_output_dtype"] = True
         opts.update(self._scaler_options)
         return opts
+
+    def validate(self, module: torch.nn.Module, device: torch.device) -> None:
+        """16-bit modes refuse complex parameters: they cannot be stored in 16 bits."""
+        if self.dtype not in (torch.float16, torch.bfloat16):
+            return
+        for name, p in module.named_parameters():
+            if p.is_complex():
+                raise WrapError(
+                    f"Parameter {name!r} is {p.dtype}, which {self.name} cannot store in 16 "
+                    "bits (torch's complex32 lacks the kernels to train it); use 32-true, "
+                    "16-mixed or bf16-mixed, which keep complex parameters as they are."
+                )
 
     def convert_module(self, module: torch.nn.Module) -> list[str]:
         n_params = n_buffers = 0

@@ -8,11 +8,15 @@ mode by name.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
+
+from ._tensors import check_fits
+from .exceptions import NumericsError
 
 if TYPE_CHECKING:
     from ._scaler import LossScaler
@@ -344,12 +348,22 @@ def step_in_dtype(
                     swapped.append((params, i, p, copy))
         yield
     finally:
+        overflow: NumericsError | None = None
+        if sys.exc_info()[0] is None:  # an fp16 weight past 65504 is never written
+            try:
+                check_fits([(f"of shape {tuple(p.shape)}", copy) for _, _, p, copy in swapped],
+                           [p.dtype for _, _, p, _ in swapped])
+            except NumericsError as exc:
+                overflow = exc
         with torch.no_grad():
             for params, i, p, copy in swapped:
-                if write_back is None:
-                    p.copy_(copy)
-                else:
-                    write_back(p, copy)
+                if overflow is None:
+                    if write_back is None:
+                        p.copy_(copy)
+                    else:
+                        write_back(p, copy)
                 params[i] = p
                 if copy in optimizer.state:
                     optimizer.state[p] = optimizer.state.pop(copy)
+        if overflow is not None:
+            raise overflow

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+
+from ._tensors import check_fits
 
 __all__ = ["MasterWeights"]
 
@@ -22,8 +24,14 @@ class MasterWeights:
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []
         self._optimizer = optimizer
+        #: each model parameter's (version counter, storage) when the masters last
+        #: matched it: a change means other code wrote the parameter.
+        self._seen: dict[int, tuple[int, int]] = {}
+        #: gradients shown on the model by :meth:`expose_grads`: id(param) -> (grad, version)
+        self._mirrors: dict[int, tuple[torch.Tensor, int]] = {}
         for group in optimizer.param_groups:
             group["params"] = self._masters_for(group["params"])
+        self.mark_synced()
 
     def _masters_for(self, params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
         out = []
@@ -47,7 +55,75 @@ class MasterWeights:
         params = group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         group["params"] = self._masters_for(params)
+        self.mark_synced()
         return group
+
+    def master_of(self, param: torch.Tensor) -> torch.nn.Parameter | None:
+        """The master standing for model parameter ``param``, if it has one."""
+        return next((m for p, m in self.pairs if p is param), None)
+
+    # -- the model stays the source of truth -------------------------------------------
+
+    def mark_synced(self) -> None:
+        """Record that masters and model parameters agree now."""
+        self._seen = {id(p): (p._version, p.data_ptr()) for p, _ in self.pairs}
+
+    @torch.no_grad()
+    def refresh_stale(self) -> int:
+        """Take the values of model parameters that other code wrote since the masters
+        last matched them (DDP's broadcast, an init function, a load into the inner
+        module, an EMA swap); return how many masters were refreshed.
+
+        A write is noticed by the parameter's version counter or a new storage; a
+        write of the values the parameter already held keeps the master's fp32 digits.
+        """
+        refreshed = 0
+        for p, m in self.pairs:
+            if self._seen.get(id(p)) == (p._version, p.data_ptr()):
+                continue
+            if not torch.equal(p, m.to(p.dtype)):
+                m.copy_(p)
+                refreshed += 1
+            self._seen[id(p)] = (p._version, p.data_ptr())
+        return refreshed
+
+    # -- gradients on the model ------------------------------------------------------------
+
+    def expose_grads(self) -> None:
+        """Show the masters' (unscaled, accumulated) gradients on the model's parameters,
+        in their dtype, for torch utilities on ``model.parameters()``; what such code
+        writes into them (clipping) is taken back by :meth:`take_grad_edits`."""
+        self._mirrors = {}
+        for p, m in self.pairs:
+            if m.grad is None:
+                continue
+            p.grad = m.grad.to(p.dtype)
+            self._mirrors[id(p)] = (p.grad, p.grad._version)
+
+    def take_grad_edits(self) -> int:
+        """Copy gradients that other code changed on the model into the masters; return
+        how many. Called before the step."""
+        edited = 0
+        if not self._mirrors:
+            return 0
+        for p, m in self.pairs:
+            shown = self._mirrors.get(id(p))
+            if shown is None or p.grad is None or m.grad is None:
+                continue
+            grad, version = shown
+            if p.grad is not grad or grad._version != version:
+                m.grad.copy_(p.grad)
+                edited += 1
+        return edited
+
+    def drop_exposed_grads(self) -> None:
+        """Remove the gradients :meth:`expose_grads` put on the model (before a backward,
+        which would otherwise add to them)."""
+        for p, _ in self.pairs:
+            shown = self._mirrors.get(id(p))
+            if shown is not None and p.grad is shown[0]:
+                p.grad = None
+        self._mirrors = {}
 
     def describe(self) -> str:
         n = sum(m.numel() for _, m in self.pairs)
@@ -77,11 +153,17 @@ class MasterWeights:
                     p.grad.zero_()
 
     @torch.no_grad()
-    def copy_to_model(self) -> None:
-        """Round the masters into the model's parameters after a step."""
+    def copy_to_model(self, name_of: Callable[[torch.Tensor], str] = lambda p: "?") -> None:
+        """Round the masters into the model's parameters after a step.
+
+        :raises mixprec.exceptions.NumericsError: a master no longer fits the model's
+            dtype (an fp16 weight past 65504); the model is left as it was.
+        """
         if not self.pairs:
             return
+        check_fits([(name_of(p), m) for p, m in self.pairs], [p.dtype for p, _ in self.pairs])
         torch._foreach_copy_([p for p, _ in self.pairs], [m for _, m in self.pairs])
+        self.mark_synced()
 
     @torch.no_grad()
     def load_from(self, named: Mapping[str, torch.nn.Parameter], state: Mapping[str, Any]) -> None:
@@ -91,6 +173,7 @@ class MasterWeights:
             master = by_id.get(id(p))
             if master is not None and name in state:
                 master.copy_(state[name])
+        self.mark_synced()
 
     @torch.no_grad()
     def move_to_model(self) -> None:

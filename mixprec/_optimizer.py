@@ -66,8 +66,13 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self.precision.zero_grad(set_to_none)
 
     def unscale_(self) -> None:
-        """Unscale gradients now (once per step), e.g. before inspecting them."""
-        self.precision.unscale_()
+        """Unscale gradients now (once per step), e.g. before inspecting or clipping them.
+
+        Afterwards the true gradients are on ``model.parameters()`` in every mode (in
+        master-weight modes as copies of the fp32 masters' gradients, in the model's
+        dtype); what torch utilities write into them there is used by ``step()``.
+        """
+        self.precision.unscale_(expose=True)
 
     def clip_grad_norm_(
         self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from ._tensors import local_tensors
+from ._tensors import local_tensor, local_tensors
 from .exceptions import CheckpointError, ModeOptionError
 
-__all__ = ["LossScaler", "ScalerConfig", "non_finite_found", "unscale_and_check"]
+__all__ = ["LossScaler", "ScalerConfig", "grad_is_finite", "non_finite_found", "unscale_and_check"]
 
 
 def _number(value: Any, name: str, *, integer: bool = False) -> float:
@@ -176,15 +176,41 @@ class LossScaler:
             ) from None
 
 
+@torch.no_grad()
+def _values(grad: torch.Tensor) -> torch.Tensor:
+    """The dense real tensor holding ``grad``'s values, sharing its storage so that
+    in-place changes reach the gradient: a sparse gradient's values (what torch's
+    ``GradScaler`` unscales), a complex gradient's real view (``view_as_real``)."""
+    if grad.is_sparse:
+        if grad.dtype is torch.float16 and not grad.is_coalesced():
+            # As GradScaler: duplicate entries are summed later, and a scaled fp16 sum can
+            # overflow; coalesce now (in place: the gradient stays the same object).
+            grad.copy_(grad.coalesce())
+        grad = grad._values()
+    if grad.is_complex():
+        grad = torch.view_as_real(grad)
+    return grad
+
+
+def grad_is_finite(grad: torch.Tensor) -> bool:
+    """True if ``grad`` (dense or sparse, real or complex, a DTensor shard) holds no inf/NaN."""
+    return bool(torch.isfinite(_values(local_tensor(grad))).all())
+
+
 def _grouped(grads: Sequence[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for g in local_tensors(grads):  # FSDP2: check and unscale this rank's shards in place
-        groups.setdefault((g.device, g.dtype), []).append(g)
+        v = _values(g)
+        groups.setdefault((v.device, v.dtype), []).append(v)
     return groups
 
 
 def unscale_and_check(grads: Sequence[torch.Tensor], scale: float) -> bool:
-    """Divide ``grads`` by ``scale`` in place; return True if any is inf/NaN."""
+    """Divide ``grads`` by ``scale`` in place; return True if any is inf/NaN.
+
+    Sparse gradients are unscaled through their values (fp16 ones coalesced first, as
+    torch's ``GradScaler`` does), complex ones through their real view.
+    """
     flags = []
     for (device, _), group in _grouped(grads).items():
         found = torch.zeros(1, dtype=torch.float32, device=device)

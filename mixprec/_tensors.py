@@ -7,15 +7,26 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from .exceptions import WrapError
+from .exceptions import NumericsError, WrapError
 
-__all__ = ["apply_to_float_tensors", "cast_floating", "ddp_class", "device_of", "dtensor_class",
-           "fsdp_module_class", "is_fully_sharded", "local_tensor", "local_tensors"]
+__all__ = [
+    "apply_to_float_tensors",
+    "cast_floating",
+    "check_fits",
+    "ddp_class",
+    "device_of",
+    "dtensor_class",
+    "fsdp_module_class",
+    "is_fully_sharded",
+    "local_tensor",
+    "local_tensors",
+    "total_grad_norm",
+]
 
 
 def apply_to_float_tensors(data: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -135,3 +146,45 @@ def cast_floating(
                     sub._buffers[key] = buf.to(dtype)
                     n_buffers += 1
     return n_params, n_buffers
+
+
+def check_fits(named: Sequence[tuple[str, torch.Tensor]], dtypes: Sequence[torch.dtype]) -> None:
+    """Raise :class:`NumericsError` if a value would become inf when rounded into its
+    target dtype (only fp16's range is narrower than the fp32 it is computed in).
+
+    :param named: (name, high-precision tensor) pairs about to be written.
+    :param dtypes: the dtype each will be written into.
+    """
+    limit = torch.finfo(torch.float16).max
+    for (name, t), dtype in zip(named, dtypes, strict=True):
+        if dtype is not torch.float16 or not t.is_floating_point():
+            continue
+        peak = float(local_tensor(t).detach().abs().max()) if t.numel() else 0.0
+        if peak >= limit + 16:  # round-to-nearest keeps values below 65520 finite
+            raise NumericsError(
+                f"The optimizer step would push parameter {name!r} to {peak:.4g}, beyond "
+                f"fp16's range ({limit:g}), so its fp16 weights were not written (they stay "
+                "finite; the optimizer state has advanced). Lower the learning rate, add "
+                "weight decay or gradient clipping, or train this model in a bf16 mode.",
+                parameter=name,
+            )
+
+
+def total_grad_norm(grads: Sequence[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """The norm of order ``norm_type`` of all ``grads`` together, as a scalar tensor.
+
+    fp16 gradients are reduced in fp32: their own norm overflows to inf once it passes
+    65504 although every element is finite. Other dtypes take torch's foreach path
+    (the same numbers as ``torch.nn.utils.clip_grad_norm_``).
+    """
+    if not grads:
+        return torch.zeros((), dtype=torch.float32)
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    norms = []
+    for (_, dtype), group in groups.items():
+        upcast = torch.float32 if dtype is torch.float16 else None
+        norms += list(torch._foreach_norm(group, norm_type, dtype=upcast))
+    device = grads[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)

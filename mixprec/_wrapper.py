@@ -18,9 +18,9 @@ from ._module import _WRAPPED, WrappedModule, is_wrapped
 from ._optimizer import WrappedOptimizer
 from ._options import check_bool, check_number
 from ._registry import registry
-from ._scaler import ScalerConfig, non_finite_found, unscale_and_check
+from ._scaler import ScalerConfig, grad_is_finite, non_finite_found, unscale_and_check
 from ._sync import DistributedSync
-from ._tensors import local_tensor
+from ._tensors import total_grad_norm
 from .exceptions import (
     AlreadyWrappedError,
     BackwardError,
@@ -211,9 +211,35 @@ class PrecisionWrapper:
         return optimizer
 
     def add_param_group(self, group: dict[str, Any]) -> None:
-        """Add a param group of the model's parameters (masters are made for it)."""
-        assert self.optimizer is not None
+        """Add a param group of the model's parameters (masters are made for it).
+
+        Validated as ``wrap`` and torch do: only trainable parameters of the wrapped
+        model, none already in the optimizer.
+        """
+        assert self.optimizer is not None and self.module is not None
         inner = self.optimizer.optimizer
+        params = group.get("params") if isinstance(group, dict) else None
+        params = [params] if isinstance(params, torch.Tensor) else list(params or [])
+        own = {id(p) for p in self.module.module.parameters()}
+        held = {id(p) for p in self.step_parameters()}
+        if self.masters is not None:
+            held |= {id(p) for p, m in self.masters.pairs if id(m) in held}
+        if not params:
+            raise WrapError("add_param_group() needs a dict with a non-empty 'params' list of "
+                            "the model's parameters.")
+        if any(id(p) not in own for p in params):
+            raise OptimizerMismatchError(
+                "add_param_group() got parameters that are not the wrapped model's; mixprec "
+                "converts only the model, so make them part of it or give them their own "
+                "optimizer."
+            )
+        again = [self.param_name(p) for p in params if id(p) in held]
+        if again or len({id(p) for p in params}) != len(params):
+            raise OptimizerMismatchError(
+                f"add_param_group() got parameters the optimizer already holds "
+                f"({', '.join(again) or 'the same parameter twice'}); a parameter can be in "
+                "one group only."
+            )
         if self.masters is not None:
             group = self.masters.add_group(group)
             for model_param, master in self.masters.pairs:
@@ -232,18 +258,25 @@ class PrecisionWrapper:
         gradients are then added to the fp32 masters' gradients."""
         if self.scaler is not None:
             loss = loss * self.scaler.scale
+        if self.masters is not None:
+            self.masters.drop_exposed_grads()  # the next gradients must not add to them
         loss.backward(*args, **kwargs)
         self._backward_calls += 1
         # Under DDP no_sync() the gradients stay on the model until DDP reduces them.
         if self.masters is not None and not self._dist.holds_grads_on_model():
             self.masters.accumulate_grads()
 
-    def unscale_(self, check: bool = True) -> None:
+    def unscale_(self, check: bool = True, expose: bool = False) -> None:
         """Unscale the gradients and check them for inf/NaN, once per step.
 
         :param check: False when the caller checks the gradients itself (a norm).
+        :param expose: in master-weight modes, also show the true gradients on the
+            model's parameters (``opt.unscale_()`` does, for torch utilities on
+            ``model.parameters()``); changes made to them are used by the step.
         """
         if self._unscaled:
+            if expose and self.masters is not None:
+                self.masters.expose_grads()
             return
         if self.scaler is not None and self._backward_calls == 0 and self._any_grad():
             raise BackwardError(
@@ -264,6 +297,8 @@ class PrecisionWrapper:
         # differ between ranks (FSDP2 shards, DDP no_sync steps).
         self._found_inf = self._dist.agree(self._found_inf, grads[0].device if grads else None)
         self._unscaled = True
+        if expose and self.masters is not None:
+            self.masters.expose_grads()
 
     def clip_grad_norm_(
         self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
@@ -276,44 +311,91 @@ class PrecisionWrapper:
         whose step is worth skipping too), so the gradients are read once, as in a
         plain torch loop.
         """
+        # A p-norm (p > 0, inf included) of gradients holding inf/NaN is inf/NaN; a
+        # "norm" of order 0 (a count) or -inf (a minimum) is not, and cannot be reused.
         reuse = (self.scaler is None and self.skip_nonfinite and not self._unscaled
-                 and self._dist.engine is None)
+                 and self._dist.engine is None and norm_type > 0)
         self.unscale_(check=not reuse)
-        norm = torch.nn.utils.clip_grad_norm_(
-            self.step_parameters(), max_norm, norm_type,
-            error_if_nonfinite=error_if_nonfinite, foreach=foreach,
-        )
+        params = self.step_parameters()
+        if self._dist.engine == "fsdp":  # DTensor gradients: torch reduces the norm
+            norm = torch.nn.utils.clip_grad_norm_(
+                params, max_norm, norm_type, error_if_nonfinite=error_if_nonfinite,
+                foreach=foreach)
+        else:
+            norm = total_grad_norm([p.grad for p in params if p.grad is not None], norm_type)
+            if error_if_nonfinite and not bool(torch.isfinite(norm)):
+                raise RuntimeError(
+                    f"The total norm of order {norm_type} of the gradients is non-finite, so it "
+                    "cannot be clipped; pass error_if_nonfinite=False to skip such steps instead."
+                )
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=foreach)
         if reuse:
             self._found_inf = not bool(torch.isfinite(norm).item())
         return norm
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Unscale, skip the step on inf/NaN gradients, step, update the scale."""
+        """Unscale, skip the step on inf/NaN gradients, step, update the scale.
+
+        With a ``closure`` (which computes the loss and its gradients), the closure is
+        evaluated first and the step then keeps every guarantee of a normal one
+        (inf/NaN check, masters written back); optimizers that evaluate it again
+        (L-BFGS) get the model's current weights for each evaluation. Returns the
+        closure's loss, or None without a closure.
+        """
         assert self.optimizer is not None, "step() needs a wrapped optimizer"
         inner = self.optimizer.optimizer
+        result: Any = None
         if closure is not None:
             if self.scaler is not None:
                 raise BackwardError(
                     f"Mode {self.mode_name!r} scales the loss, which optimizer closures cannot "
                     "take part in; compute the loss, call opt.backward(loss), then opt.step()."
                 )
-            with self.precision_mode.optimizer_step_context(inner):
-                result = inner.step(closure)
-            self._after_step(found_inf=False)
-            return result
+            with torch.enable_grad():
+                result = closure()
+        if self.masters is not None:
+            self.masters.refresh_stale()  # other code wrote the model: it wins
         self.unscale_()
         if self.monitor is not None:
             self.monitor.before_step(self)
-        result: Any = None
         if self._found_inf:
             self._record_skip()
         else:
-            with self.precision_mode.optimizer_step_context(inner):
-                result = inner.step()
             if self.masters is not None:
-                self.masters.copy_to_model()
+                self.masters.take_grad_edits()  # clipping done on model.parameters()
+            with self.precision_mode.optimizer_step_context(inner):
+                if closure is None:
+                    inner.step()
+                else:
+                    inner.step(self._again(closure, result))
+            if self.masters is not None:
+                self.masters.copy_to_model(self.param_name)
         self._after_step(self._found_inf)
         return result
+
+    def _again(self, closure: Callable[[], Any], first: Any) -> Callable[[], Any]:
+        """The closure the inner optimizer gets: its first call returns the loss already
+        computed (and checked); later calls (L-BFGS) evaluate on the current weights."""
+        calls = 0
+
+        def again() -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return first
+            masters = self.masters
+            if masters is not None:
+                masters.copy_to_model(self.param_name)
+                masters.zero_model_grads(set_to_none=True)
+                for _, m in masters.pairs:
+                    m.grad = None
+            with torch.enable_grad():
+                loss = closure()
+            if masters is not None:
+                masters.accumulate_grads()
+            return loss
+
+        return again
 
     def _after_step(self, found_inf: bool) -> None:
         self.steps += 1
@@ -336,7 +418,7 @@ class PrecisionWrapper:
         self.skipped_steps += 1
         self.skip_streak += 1
         for p in self.step_parameters():
-            if p.grad is not None and not bool(torch.isfinite(local_tensor(p.grad)).all()):
+            if p.grad is not None and not grad_is_finite(p.grad):
                 self.last_nonfinite_param = self._names.get(id(p), "?")
                 break
         logger.debug("mixprec: skipped step %d: non-finite gradient in %s",
