@@ -168,31 +168,36 @@ def _check_scaler(scaler: Any) -> None:
     _int(scaler, "hysteresis_left", path, 1)
 
 
-def check_module_state(expected: Mapping[str, Any], given: Any, strict: bool) -> None:
-    """Validate a model state dict against the one the wrapped model would write:
-    keys (where ``strict``), tensor shapes, and floating point against integer."""
+def check_module_state(
+    expected: Mapping[str, Any], given: Any, strict: bool, tensors: Iterable[str],
+) -> None:
+    """Validate a model state dict against the one the wrapped model would write.
+
+    Only the model's own parameters and buffers (``tensors``: their dotted names) must
+    be present (where ``strict``, which also refuses keys the model would not write),
+    and of the expected shape where both sides are
+    floating point; what a mode adds or stores differently (quantization state,
+    packed integer weights, ``_extra_state``) is the mode's to load and check.
+    """
     if not isinstance(given, Mapping):
         raise _fail(f"the model state is a {type(given).__name__}, not a mapping", "model")
+    names = [k for k in tensors if k in expected]
     if strict:
-        missing = [k for k in expected if k not in given]
+        missing = [k for k in names if k not in given]
         unexpected = [k for k in given if k not in expected]
         if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing {_few(missing)}")
-            if unexpected:
-                parts.append(f"unexpected {_few(unexpected)}")
+            parts = ([f"missing {_few(missing)}"] if missing else []) + (
+                [f"unexpected {_few(unexpected)}"] if unexpected else [])
             raise _fail("the model's keys differ: " + "; ".join(parts) +
                         " (load with strict=False to allow that)", "model")
-    for key, value in given.items():
-        want = expected.get(key)
+    for key in names:
+        value, want = given.get(key), expected[key]
         if not (torch.is_tensor(value) and torch.is_tensor(want)):
             continue
-        if value.shape != want.shape:
+        if (value.is_floating_point() and want.is_floating_point()
+                and value.shape != want.shape):
             raise _fail(f"shape {tuple(value.shape)} where the model has {tuple(want.shape)}",
                         f"model.{key}")
-        if value.is_floating_point() != want.is_floating_point():
-            raise _fail(f"dtype {value.dtype} where the model has {want.dtype}", f"model.{key}")
 
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, given: Any) -> None:

@@ -108,7 +108,7 @@ class Journal:
             for g, saved_group, params in self._groups:
                 g.clear()
                 g.update(saved_group)
-                g["params"] = params
+                g["params"][:] = params  # the same list object, as optimizers may keep it
             opt.state.clear()
             for p, s in self._state.items():
                 opt.state[p] = s
@@ -168,7 +168,7 @@ def remap_optimizer(
                 replaced += 1
             else:
                 dropped.append(names_before.get(id(p), ["?"])[0])
-        group["params"] = params
+        group["params"][:] = params  # in place: L-BFGS keeps the list as _params
     lines = []
     if replaced:
         lines.append(f"optimizer: {replaced} parameters remapped to their converted tensors")

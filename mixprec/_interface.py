@@ -8,6 +8,7 @@ mode by name.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -308,6 +309,23 @@ def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
+#: Gradients already unscaled into a higher dtype by the wrapper, by ``id`` of the
+#: parameter: :func:`step_in_dtype` steps with them instead of widening the rounded
+#: low-precision gradient (an fp16 gradient of 2e-8 flushes to 0 once unscaled in fp16).
+_WIDE_GRADS: contextvars.ContextVar[Mapping[int, torch.Tensor] | None] = contextvars.ContextVar(
+    "mixprec_wide_grads", default=None)
+
+
+@contextlib.contextmanager
+def wide_grads(grads: Mapping[int, torch.Tensor]) -> Iterator[None]:
+    """Offer ``grads`` (by ``id`` of the parameter) to :func:`step_in_dtype` in the block."""
+    token = _WIDE_GRADS.set(grads)
+    try:
+        yield
+    finally:
+        _WIDE_GRADS.reset(token)
+
+
 @contextlib.contextmanager
 def step_in_dtype(
     optimizer: torch.optim.Optimizer, low: torch.dtype, high: torch.dtype,
@@ -332,6 +350,7 @@ def step_in_dtype(
     .. versionadded:: 0.1
     """
     swapped: list[tuple[list[Any], int, torch.Tensor, torch.Tensor]] = []
+    wide = _WIDE_GRADS.get() or {}
     try:
         with torch.no_grad():
             for group in optimizer.param_groups:
@@ -341,7 +360,8 @@ def step_in_dtype(
                         continue
                     copy = p.detach().to(high).requires_grad_(p.requires_grad)
                     if p.grad is not None:
-                        copy.grad = p.grad.to(high)
+                        g = wide.get(id(p))
+                        copy.grad = g.to(high) if g is not None else p.grad.to(high)
                     if p in optimizer.state:
                         optimizer.state[copy] = optimizer.state.pop(p)
                     params[i] = copy

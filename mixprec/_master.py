@@ -30,7 +30,8 @@ class MasterWeights:
         #: gradients shown on the model by :meth:`expose_grads`: id(param) -> (grad, version)
         self._mirrors: dict[int, tuple[torch.Tensor, int]] = {}
         for group in optimizer.param_groups:
-            group["params"] = self._masters_for(group["params"])
+            # In place: optimizers that keep the list (L-BFGS's _params) see the masters.
+            group["params"][:] = self._masters_for(group["params"])
         self.mark_synced()
 
     def _masters_for(self, params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:

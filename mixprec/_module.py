@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -101,7 +102,26 @@ class WrappedModule(torch.nn.Module):
             modules = self.__dict__.get("_modules", {})
             if "_module" not in modules:
                 raise
-            return getattr(modules["_module"], name)
+            attr = getattr(modules["_module"], name)
+            if name == "save_pretrained" and callable(attr):
+                return self._saving_state_dict(attr)
+            return attr
+
+    def _saving_state_dict(self, save: Any) -> Any:
+        """``save_pretrained`` (transformers, peft) reads the inner module's own state
+        dict: give it ours, so that it writes what ``state_dict()`` holds (the fp32
+        masters where the mode keeps them), not the low-precision copies."""
+        precision = self._precision
+        if precision is None or precision.masters is None:
+            return save
+
+        @functools.wraps(save)
+        def save_pretrained(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("state_dict") is None:
+                kwargs["state_dict"] = self.state_dict()
+            return save(*args, **kwargs)
+
+        return save_pretrained
 
     # -- the inner module's names --------------------------------------------
 

@@ -19,7 +19,8 @@ import torch
 from ._tensors import local_tensor, local_tensors
 from .exceptions import CheckpointError, ModeOptionError
 
-__all__ = ["LossScaler", "ScalerConfig", "grad_is_finite", "non_finite_found", "unscale_and_check"]
+__all__ = ["LossScaler", "ScalerConfig", "grad_is_finite", "non_finite_found", "unscale_and_check",
+           "unscale_fp16_wide"]
 
 
 def _number(value: Any, name: str, *, integer: bool = False) -> float:
@@ -46,6 +47,10 @@ class ScalerConfig:
     :param min_scale: the scale never drops below this.
     :param max_scale: the scale never grows above this.
     :param hysteresis: overflows in a row tolerated before backing off (1 = torch).
+    :param recover_after: after this many skipped steps in a row, the first clean step
+        puts the scale back to the last value that trained cleanly, so a streak of bad
+        batches (every scale fails on NaN data) cannot leave the scale collapsed at
+        ``min_scale`` for tens of thousands of steps; 0: never (torch's behaviour).
 
     .. versionadded:: 0.2
     """
@@ -57,6 +62,7 @@ class ScalerConfig:
     min_scale: float = 1.0 / 2**24
     max_scale: float = 2.0**24
     hysteresis: int = 1
+    recover_after: int = 8
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -73,6 +79,7 @@ class ScalerConfig:
             (0.0 < self.min_scale <= self.max_scale and math.isfinite(self.max_scale),
              "min_scale must be positive and <= max_scale"),
             (self.hysteresis >= 1, "hysteresis must be an integer >= 1"),
+            (self.recover_after >= 0, "recover_after must be an integer >= 0"),
         ]
         for ok, what in checks:
             if not ok:
@@ -118,6 +125,10 @@ class LossScaler:
         self.scale = min(max(float(config.init_scale), self.min_scale), self.max_scale)
         self._growth_tracker = 0
         self._hysteresis_left = self.hysteresis
+        self._skips_in_a_row = 0
+        #: the scale of the last step that was not skipped
+        self.healthy_scale = self.scale
+        self._recover_to = self.scale
 
     growth_factor: float
     backoff_factor: float
@@ -125,6 +136,7 @@ class LossScaler:
     min_scale: float
     max_scale: float
     hysteresis: int
+    recover_after: int
 
     def config(self) -> dict[str, Any]:
         """The options besides ``init_scale``, as plain values."""
@@ -133,12 +145,25 @@ class LossScaler:
     def update(self, found_inf: bool) -> None:
         """Advance the scale after a step that did (or did not) overflow."""
         if found_inf:
+            if self._skips_in_a_row == 0:
+                self._recover_to = self.healthy_scale
+            self._skips_in_a_row += 1
             self._growth_tracker = 0
             self._hysteresis_left -= 1
             if self._hysteresis_left <= 0:
                 self.scale = max(self.scale * self.backoff_factor, self.min_scale)
                 self._hysteresis_left = self.hysteresis
             return
+        used, self.healthy_scale = self.scale, self.scale
+        if (self.recover_after and self._skips_in_a_row >= self.recover_after
+                and self._recover_to > used):
+            # A long streak ended by a clean step: bad batches, not a too-high scale (had
+            # the scale been too high, the old value fails again and backs off for good,
+            # since healthy_scale is now the low one).
+            self.scale = self._recover_to
+            self._growth_tracker = 0
+        self._recover_to = used
+        self._skips_in_a_row = 0
         self._hysteresis_left = self.hysteresis
         self._growth_tracker += 1
         if self._growth_tracker >= self.growth_interval:
@@ -151,6 +176,9 @@ class LossScaler:
             "scale": self.scale,
             "growth_tracker": self._growth_tracker,
             "hysteresis_left": self._hysteresis_left,
+            "skips_in_a_row": self._skips_in_a_row,
+            "healthy_scale": self.healthy_scale,
+            "recover_to": self._recover_to,
             **self.config(),
         }
 
@@ -166,6 +194,9 @@ class LossScaler:
             self.scale = float(state["scale"])
             self._growth_tracker = int(state["growth_tracker"])
             self._hysteresis_left = int(state["hysteresis_left"])
+            self._skips_in_a_row = int(state.get("skips_in_a_row", 0))
+            self.healthy_scale = float(state.get("healthy_scale", self.scale))
+            self._recover_to = float(state.get("recover_to", self.healthy_scale))
             for key in self.config():
                 if key in state:
                     setattr(self, key, type(getattr(self, key))(state[key]))
@@ -203,6 +234,21 @@ def _grouped(grads: Sequence[torch.Tensor]) -> dict[tuple[torch.device, torch.dt
         v = _values(g)
         groups.setdefault((v.device, v.dtype), []).append(v)
     return groups
+
+
+def unscale_fp16_wide(grads: Sequence[torch.Tensor], scale: float) -> tuple[bool, list[torch.Tensor]]:
+    """Unscale dense fp16 ``grads`` in fp32: return (any inf/NaN, the fp32 unscaled
+    gradients); each fp16 gradient gets its rounded value in place, for readers.
+
+    A true gradient below fp16's smallest subnormal (6e-8) survives in the fp32 copy,
+    which a mode stepping in fp32 uses (torch's ``GradScaler`` refuses to unscale fp16
+    gradients for this reason).
+    """
+    wide = [g.float() for g in grads]
+    found = unscale_and_check(wide, scale) if wide else False
+    if wide:
+        torch._foreach_copy_(list(grads), wide)
+    return found, wide
 
 
 def unscale_and_check(grads: Sequence[torch.Tensor], scale: float) -> bool:

@@ -22,6 +22,7 @@ __all__ = [
     "device_of",
     "dtensor_class",
     "fsdp_module_class",
+    "is_dtensor",
     "is_fully_sharded",
     "local_tensor",
     "local_tensors",
@@ -84,6 +85,12 @@ def is_fully_sharded(model: torch.nn.Module) -> bool:
     """True if ``model`` or a module inside it was sharded with FSDP2."""
     cls = fsdp_module_class()
     return cls is not None and any(isinstance(m, cls) for m in model.modules())
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """True for an FSDP2/tensor-parallel ``DTensor``."""
+    cls = dtensor_class()
+    return cls is not None and isinstance(tensor, cls)
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:

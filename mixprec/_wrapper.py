@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, overload
 
@@ -12,21 +11,27 @@ import torch
 
 from . import _checkpoint
 from ._convert import atomic, convert_module, match_state_dtypes, remap_optimizer, validate_modes
-from ._interface import FSDPPlan, OptimizerMode, PrecisionMode, StepHooks
+from ._interface import FSDPPlan, OptimizerMode, PrecisionMode, StepHooks, wide_grads
 from ._master import MasterWeights
 from ._module import _WRAPPED, WrappedModule, is_wrapped
 from ._optimizer import WrappedOptimizer
 from ._options import check_bool, check_number
 from ._registry import registry
-from ._scaler import ScalerConfig, grad_is_finite, non_finite_found, unscale_and_check
+from ._scaler import (
+    ScalerConfig,
+    grad_is_finite,
+    non_finite_found,
+    unscale_and_check,
+    unscale_fp16_wide,
+)
 from ._sync import DistributedSync
-from ._tensors import total_grad_norm
+from ._tensors import is_dtensor, total_grad_norm
+from ._warn import warn_user
 from .exceptions import (
     AlreadyWrappedError,
     BackwardError,
     CheckpointError,
     MixprecError,
-    MixprecWarning,
     OptimizerMismatchError,
     WrapError,
 )
@@ -80,6 +85,8 @@ class PrecisionWrapper:
         self._backward_calls = 0
         self._unscaled = False
         self._found_inf = False
+        #: fp16 gradients unscaled in fp32 this step: id(param) -> (fp32, grad, version)
+        self._wide: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
         #: DDP / FSDP2 state: flag all-reduce, gradients held under no_sync (_sync.py)
         self._dist = DistributedSync()
         #: the FSDP2 plan of a model mixprec.distributed.fully_shard converted, else None
@@ -286,9 +293,17 @@ class PrecisionWrapper:
             )
         if self.masters is not None:
             self.masters.accumulate_grads()  # gradients from a plain loss.backward()
-        grads = [p.grad for p in self.step_parameters() if p.grad is not None]
+        params = [p for p in self.step_parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
+        self._wide = {}
         if self.scaler is not None:
-            self._found_inf = unscale_and_check(grads, self.scaler.scale)
+            narrow = [p for p in params if p.grad.dtype is torch.float16  # type: ignore[union-attr]
+                      and p.grad.layout is torch.strided and not is_dtensor(p.grad)]
+            found_wide, wide = unscale_fp16_wide([p.grad for p in narrow], self.scaler.scale)
+            self._wide = {id(p): (w, p.grad, p.grad._version)  # type: ignore[union-attr]
+                          for p, w in zip(narrow, wide, strict=True)}
+            rest = [p.grad for p in params if id(p) not in self._wide]
+            self._found_inf = unscale_and_check(rest, self.scaler.scale) or found_wide
         elif self.skip_nonfinite and check:
             self._found_inf = non_finite_found(grads)
         else:
@@ -363,7 +378,9 @@ class PrecisionWrapper:
         else:
             if self.masters is not None:
                 self.masters.take_grad_edits()  # clipping done on model.parameters()
-            with self.precision_mode.optimizer_step_context(inner):
+            # fp16 gradients unscaled in fp32, unless other code changed them since
+            wide = {k: w for k, (w, g, v) in self._wide.items() if g._version == v}
+            with wide_grads(wide), self.precision_mode.optimizer_step_context(inner):
                 if closure is None:
                     inner.step()
                 else:
@@ -406,6 +423,7 @@ class PrecisionWrapper:
         self._backward_calls = 0
         self._unscaled = False
         self._found_inf = False
+        self._wide = {}
         if self.monitor is not None:
             self.monitor.after_step(self, found_inf)
 
@@ -424,13 +442,17 @@ class PrecisionWrapper:
         logger.debug("mixprec: skipped step %d: non-finite gradient in %s",
                      self.steps, self.last_nonfinite_param)
         if self.skip_streak == self.collapse_patience:
-            scale = "" if self.scaler is None else f" (loss scale now {self.scaler.scale:g})"
-            warnings.warn(
+            scale = "" if self.scaler is None else (
+                f" (the loss scale collapsed to {self.scaler.scale:g}; the first clean step "
+                f"puts it back to {self.scaler.healthy_scale:g}, the last that trained cleanly)"
+                if self.scaler.recover_after else
+                f" (loss scale collapsed to {self.scaler.scale:g}: it recovers only by "
+                f"growth every {self.scaler.growth_interval} clean steps)")
+            warn_user(
                 f"The last {self.skip_streak} optimizer steps were all skipped because of "
                 f"inf/NaN gradients{scale}; the first non-finite gradient is in parameter "
                 f"{self.last_nonfinite_param!r}. The model produces non-finite gradients at "
-                "any scale: check the inputs and learning rate, or use a bf16 mode.",
-                MixprecWarning, stacklevel=4,
+                "any scale: check the inputs and learning rate, or use a bf16 mode."
             )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -470,11 +492,24 @@ class PrecisionWrapper:
                 "load_state_dict(assign=True) would replace the wrapped parameters; "
                 "load with assign=False (the default)."
             )
-        _checkpoint.check_module_state(self._module_state_dict(), state, strict)
+        self._check_module_state(state, strict)
         result = self.precision_mode.load_module_state_dict(inner, state, strict)
         if self.masters is not None:
             self.masters.load_from(dict(inner.named_parameters(remove_duplicate=False)), state)
         return result
+
+    def _check_module_state(self, state: Any, strict: bool) -> None:
+        """Validate a model state dict before anything is loaded. A mode that loads its
+        module state itself (``load_module_state_dict`` overridden: quantized or swapped
+        layers) validates its own format there, before it changes anything."""
+        assert self.module is not None
+        mode = type(self.precision_mode)
+        if mode.load_module_state_dict is not PrecisionMode.load_module_state_dict:
+            return
+        inner = self.module.module
+        names = {n for n, _ in (*inner.named_parameters(remove_duplicate=False),
+                                *inner.named_buffers(remove_duplicate=False))}
+        _checkpoint.check_module_state(self._module_state_dict(), state, strict, names)
 
     def precision_state(self) -> dict[str, Any]:
         """The checkpoint's ``"mixprec"`` entry for this wrapper (see ``_checkpoint.py``)."""
@@ -559,7 +594,7 @@ class PrecisionWrapper:
         extra = _checkpoint.find_precision_state(state)
         if extra is not None:
             self.check_precision_state(extra)
-        _checkpoint.check_module_state(self._module_state_dict(), state["model"], strict)
+        self._check_module_state(state["model"], strict)
         optim = None
         if self.optimizer is not None and "optimizer" in state:
             optim, _ = _checkpoint.split_optimizer_state(state["optimizer"])

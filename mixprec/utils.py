@@ -14,6 +14,7 @@ Plugins (first- and third-party) call these instead of keeping copies::
   (FSDP2 shards);
 - contexts: :func:`build_context` (for ``init_context``), :func:`default_dtype`,
   :func:`step_in_dtype` (for ``optimizer_step_context``);
+- warnings: :func:`warn_user` (attributed to the user's line, whatever the depth);
 - loss scaling: :class:`ScalerConfig`, the loss-scaler options of a mode that scales
   (``ScalerConfig.option_names()``; ``mixprec.LossScaler(**options)``).
 
@@ -27,6 +28,7 @@ from ._interface import build_context, default_dtype, step_in_dtype
 from ._match import closest_name, match_module, normalize_patterns
 from ._scaler import ScalerConfig
 from ._tensors import apply_to_float_tensors, cast_floating, device_of, local_tensor, local_tensors
+from ._warn import warn_user
 
 __all__ = [
     "DTYPES",
@@ -45,4 +47,5 @@ __all__ = [
     "parse_dtype",
     "short_dtype_name",
     "step_in_dtype",
+    "warn_user",
 ]

@@ -139,6 +139,19 @@ def ddp_train(rank: int, world: int, tmp: Path, mode: str, options: dict[str, An
             "scale": opt.precision.loss_scale, "skipped": opt.precision.skipped_steps}
 
 
+def ddp_seeds(rank: int, world: int, tmp: Path, mode: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Each rank builds its model from its own seed (as nanoGPT does); DDP's initial
+    broadcast makes the replicas equal, and the masters must follow it."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = make_model(seed=rank)
+    model, opt = mixprec.wrap(model, _optimizer(model, "adamw"), mode, **options)
+    ddp = DDP(model)
+    losses = run_steps(ddp, opt, STEPS, rank=rank, world=world, ddp=ddp)
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"weights": weights, "losses": losses}
+
+
 def fsdp_train(rank: int, world: int, tmp: Path, mode: str, options: dict[str, Any],
                autocast: bool = False) -> dict[str, Any]:
     model = make_model(0, buffer=autocast)
@@ -423,6 +436,11 @@ FSDP_MODES = [("32-true", {}, False), ("64-true", {}, False), ("bf16-mixed", {},
               ("16-true", {"master_weights": True}, False)]
 
 
+#: modes that keep copies of the weights (fp32 masters, 16-true's fp32 step copies)
+SEEDED_MODES = [("bf16-true", {"master_weights": True}), ("16-true", {"master_weights": True}),
+                ("16-true", {})]
+
+
 def _key(*parts: Any) -> str:
     return "-".join(str(p).replace("_", "").replace(" ", "") for p in parts if p not in ({}, False))
 
@@ -456,6 +474,8 @@ def _scenarios() -> list[tuple[str, str, dict[str, Any]]]:
             ("ckpt-ddp", "checkpoint_ddp",
              {"mode": "bf16-true", "options": {"master_weights": True}}),
             ("refusals", "refusals", {})]
+    out += [(_key("ddp-seeds", m, o), "ddp_seeds", {"mode": m, "options": o})
+            for m, o in SEEDED_MODES]
     out += [(_key("ddp-plugin", m), "ddp_train", {"mode": m, "options": {}, "optimizer": o,
                                                    "dim": 64}) for m, o in PLUGIN_DDP]
     if HAVE_AO:
@@ -593,6 +613,17 @@ def test_fsdp_runs_modes_through_the_mixed_precision_policy(runs, name):
         assert facts["dtensor"] == "DTensor" and facts["local_rows"] == 2 * DIM // WORLD
         assert facts["masters"] is False
         assert ("no autocast" in got["summary"]) == ("mixed" in name and "autocast" not in name)
+
+
+@pytest.mark.parametrize(("mode", "options"), SEEDED_MODES,
+                         ids=[_key(m, o) for m, o in SEEDED_MODES])
+def test_ranks_seeded_differently_stay_bit_equal_after_ddp_broadcasts_rank_0(runs, mode, options):
+    """DDP overwrites rank 1's parameters with rank 0's at construction; copies kept by
+    the mode (fp32 masters) must take that write, or the ranks silently diverge."""
+    a, b = result(runs, _key("ddp-seeds", mode, options))
+    assert a["weights"].keys() == b["weights"].keys()
+    for name, value in a["weights"].items():
+        assert torch.equal(value, b["weights"][name]), name
 
 
 def test_ddp_overflow_on_one_rank_inside_no_sync_skips_the_step_on_every_rank(runs):

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
-from mixprec import MixprecWarning
-from mixprec.utils import match_module
+from mixprec.utils import match_module, warn_user
 
 from ._layers import QuantConfig, TorchLinear, init_layer_class, is_quantized_layer
 
@@ -98,10 +96,9 @@ def _finish(tracker: _Tracker, ignore_modules: Sequence[str], config: QuantConfi
             layer.__class__ = base  # plain class: picklable, no trace of the context
     unmatched = sorted(set(ignore_modules) - matched)
     if unmatched and tracker.layers:
-        warnings.warn(
+        warn_user(
             f"ignore_modules {unmatched} matched no module built in init_module, so every "
-            "Linear layer was quantized; check the names against model.named_modules().",
-            MixprecWarning, stacklevel=4,
+            "Linear layer was quantized; check the names against model.named_modules()."
         )
     quantized = sum(1 for layer in tracker.layers if is_quantized_layer(layer)) - len(excluded)
     tracker.layers.clear()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import sys
-import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -26,6 +25,7 @@ from mixprec.utils import (
     normalize_patterns,
     parse_dtype,
     short_dtype_name,
+    warn_user,
 )
 
 from ._deps import require_bitsandbytes
@@ -347,11 +347,10 @@ class BitsandbytesMode(mixprec.PrecisionMode):
         if frozen:
             lines.append(f"frozen by quantization: {len(frozen)} weights that required grad "
                          f"({_shorten(frozen)})")
-            warnings.warn(
+            warn_user(
                 f"Mode {self.name!r} froze {len(frozen)} Linear weights that required grad "
                 f"({_shorten(frozen)}): quantized weights cannot train. Train LoRA adapters on "
-                "top (peft), or exclude the layers to train with ignore_modules.",
-                mixprec.MixprecWarning, stacklevel=5,
+                "top (peft), or exclude the layers to train with ignore_modules."
             )
         _mark_loaded(module, "is_loaded_in_4bit" if self.kind == "4bit" else
                      None if self.trainable else "is_loaded_in_8bit")

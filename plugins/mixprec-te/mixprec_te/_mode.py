@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -20,6 +19,7 @@ from mixprec.utils import (
     dtype_name,
     normalize_patterns,
     parse_dtype,
+    warn_user,
 )
 
 from ._convert import BUILT, convert_layers, kept_by_te, revert_layers, torch_layers_as_te
@@ -210,19 +210,17 @@ class TransformerEngineMode(mixprec.PrecisionMode):
         n_params, n_buffers = cast_floating(module, self.weights_dtype, skip=kept_by_te(module))
         lines += self._summary(plan, replaced, reverted, prebuilt, n_params, n_buffers)
         if plan.unmatched_ignores:
-            warnings.warn(
+            warn_user(
                 f"ignore_modules entries {plan.unmatched_ignores} match no module of the model; "
-                "check the names against model.named_modules().",
-                mixprec.MixprecWarning, stacklevel=4,
+                "check the names against model.named_modules()."
             )
         kept = plan.shape_kept if self.replace_layers and not plan.foreign_te else []
         if kept:
             names = ", ".join(f"{d.name} ({d.reason.split(':')[0]})" for d in kept)
-            warnings.warn(
+            warn_user(
                 f"{len(kept)} Linear layer(s) stay in {dtype_name(self.weights_dtype)} because "
                 f"FP8 GEMMs need in/out features divisible by 16: {names}. Pad them to "
-                "multiples of 16, or list them in ignore_modules to keep them on purpose.",
-                mixprec.MixprecWarning, stacklevel=4,
+                "multiples of 16, or list them in ignore_modules to keep them on purpose."
             )
         return lines
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 
 import mixprec
 from mixprec.exceptions import ModeOptionError, UnsupportedDeviceError, WrapError
-from mixprec.utils import cast_floating, device_of, normalize_patterns, parse_dtype
+from mixprec.utils import cast_floating, device_of, normalize_patterns, parse_dtype, warn_user
 
 from ._deps import import_torchao
 from ._select import ROOT, Fp8Plan, ModuleFilter, display_name, plan_fp8_layers, unmatched_patterns
@@ -257,11 +256,10 @@ class Float8Training(mixprec.PrecisionMode):
         lines.append(f"{len(plan.convert)} nn.Linear layers to FP8: {shown}")
         if plan.kept:
             lines += [f"kept in high precision: {display_name(n)} ({why})" for n, why in plan.kept]
-            warnings.warn(
+            warn_user(
                 f"{self.name}: {len(plan.kept)} nn.Linear layer(s) stay in high precision: "
                 + "; ".join(f"{display_name(n)} ({why})" for n, why in plan.kept)
-                + ". Pass ignore_modules / module_filter to choose layers explicitly.",
-                mixprec.MixprecWarning, stacklevel=5,  # the user's wrap() call
+                + ". Pass ignore_modules / module_filter to choose layers explicitly."
             )
         if self.autocast_dtype is not None:
             lines.append(f"rest of the forward under torch.autocast({self.device_type!r}, "
