@@ -6,6 +6,7 @@
 
 from . import exceptions, hookspecs
 from ._builtin_modes import MixedPrecision, TruePrecision
+from ._doctor import doctor
 from ._interface import ModeSpec, OptimizerMode, PrecisionMode, build_context, step_in_dtype
 from ._module import WrappedModule, is_wrapped
 from ._optimizer import WrappedOptimizer
@@ -35,6 +36,7 @@ __all__ = [
     "__version__",
     "apply_to_float_tensors",
     "build_context",
+    "doctor",
     "exceptions",
     "hookimpl",
     "hookspecs",

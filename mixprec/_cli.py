@@ -1,4 +1,4 @@
-"""The ``mixprec`` command: ``mixprec modes`` and ``mixprec bench``."""
+"""The ``mixprec`` command: ``mixprec modes``, ``mixprec bench`` and ``mixprec doctor``."""
 
 from __future__ import annotations
 
@@ -56,6 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     _bench.add_arguments(p_bench)
     p_bench.set_defaults(func=_bench.run)
+    p_doctor = sub.add_parser(
+        "doctor", help="which mode a model can take and which layers to keep in full precision"
+    )
+    from ._doctor import cli as _doctor_cli
+
+    _doctor_cli.add_arguments(p_doctor)
+    p_doctor.set_defaults(func=_doctor_cli.run)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 
