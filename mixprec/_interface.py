@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import sys
 from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -69,7 +70,7 @@ class ModeSpec:
     kind: Literal["precision", "optimizer"] = "precision"
     requires: str = ""
     api_version: int = 1
-    tags: frozenset[str] = frozenset()
+    tags: AbstractSet[str] = frozenset()
 
     def __post_init__(self) -> None:
         tags = (self.tags,) if isinstance(self.tags, str) else self.tags

@@ -144,7 +144,7 @@ class WrappedModule(torch.nn.Module):
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         return self.precision._module_state_dict(*args, **kwargs)
 
-    def load_state_dict(  # type: ignore[override]
+    def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
     ) -> Any:
         return self.precision._load_module_state_dict(state_dict, strict=strict, assign=assign)

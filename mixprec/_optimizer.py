@@ -30,7 +30,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
     optimizer: torch.optim.Optimizer
     precision: PrecisionWrapper
 
-    @property  # type: ignore[override]
+    @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
@@ -38,13 +38,21 @@ class WrappedOptimizer(torch.optim.Optimizer):
     def param_groups(self, value: list[dict[str, Any]]) -> None:
         self.optimizer.param_groups = value
 
-    @property  # type: ignore[override, misc]
+    @property
     def state(self) -> Any:
         return self.optimizer.state
 
-    @property  # type: ignore[override, misc]
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
     def defaults(self) -> dict[str, Any]:
         return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
 
     def __getattr__(self, name: str) -> Any:
         if name in ("optimizer", "precision"):
@@ -57,7 +65,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
         """``loss.backward()`` with loss scaling where the mode needs it."""
         self.precision.backward(loss, *args, **kwargs)
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Unscale, skip on inf/NaN, step, update the scale. Returns the closure's
         result, or None when the step was skipped."""
         return self.precision.step(closure)
@@ -92,11 +100,11 @@ class WrappedOptimizer(torch.optim.Optimizer):
 
     # -- checkpoints -----------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict plus a ``"mixprec"`` entry (mode, scaler)."""
         return self.precision._optimizer_state_dict()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.precision._load_optimizer_state_dict(state_dict)
 
     def __getstate__(self) -> dict[str, Any]:

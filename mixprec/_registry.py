@@ -158,7 +158,7 @@ class Registry:
                 installed.setdefault(normalize(ep.name), ep.name)
             if allowed is not None and normalize(ep.name) not in allowed:
                 if genuine:
-                    self._excluded.setdefault(normalize(ep.name), (dist_name, dist.version))
+                    self._excluded.setdefault(normalize(ep.name), (dist_name, _version(dist)))
                 continue
             if not genuine:
                 self._broken[f"{dist_name}:{ep.name}"] = (
@@ -174,7 +174,7 @@ class Registry:
             except BaseException as exc:  # a broken plugin must not break the others
                 self._broken[ep.name] = _failure(exc)
                 continue
-            self._dists[ep.name] = (dist_name, dist.version)
+            self._dists[ep.name] = (dist_name, _version(dist))
         for name in listed:
             if normalize(name) in installed or normalize(name) == "mixprec":
                 continue
@@ -411,6 +411,11 @@ def _failure(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         raise exc
     return f"{type(exc).__name__}: {exc}"
+
+
+def _version(dist: Any) -> str:
+    """An entry point's distribution version ("?" where importlib knows no distribution)."""
+    return str(dist.version) if dist is not None else "?"
 
 
 def _check_spec(spec: object) -> None:

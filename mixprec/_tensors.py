@@ -62,20 +62,20 @@ def apply_to_float_tensors(data: Any, fn: Callable[[torch.Tensor], torch.Tensor]
 # -- torch.distributed probes (cheap: nothing distributed is imported unless in use) ----
 
 
-def ddp_class() -> type | None:
+def ddp_class() -> Any:
     """``DistributedDataParallel`` if ``torch.nn.parallel`` was imported, else None."""
     module = sys.modules.get("torch.nn.parallel")
     return getattr(module, "DistributedDataParallel", None)
 
 
-def fsdp_module_class() -> type | None:
+def fsdp_module_class() -> Any:
     """FSDP2's ``FSDPModule`` if ``torch.distributed.fsdp`` was imported, else None
     (a model can only be sharded with FSDP2 once it was)."""
     module = sys.modules.get("torch.distributed.fsdp")
     return getattr(module, "FSDPModule", None)
 
 
-def dtensor_class() -> type | None:
+def dtensor_class() -> Any:
     """``DTensor`` if ``torch.distributed.tensor`` was imported, else None."""
     module = sys.modules.get("torch.distributed.tensor")
     return getattr(module, "DTensor", None)
@@ -97,7 +97,7 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (same storage: in-place changes reach it), else ``tensor``."""
     cls = dtensor_class()
     if cls is not None and isinstance(tensor, cls):
-        return tensor.to_local()  # type: ignore[no-any-return]
+        return tensor.to_local()
     return tensor
 
 

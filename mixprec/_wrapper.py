@@ -111,6 +111,16 @@ class PrecisionWrapper:
         """The current loss scale, or None in modes that do not scale."""
         return None if self.scaler is None else self.scaler.scale
 
+    def audit(self, *, output: Any = None, loss: torch.Tensor | None = None,
+              show: bool = True) -> Any:
+        """The dtype and place of everything training touches — weights, gradients,
+        masters, optimizer state, the forward output and the loss, the loss scale, the
+        DDP/FSDP2 reduce and all-gather dtypes — with flags for silent downgrades.
+        Printed unless ``show`` is False; returns a ``mixprec._audit.Audit``."""
+        from . import _audit
+
+        return _audit.audit(self, output=output, loss=loss, show=show)
+
     def __repr__(self) -> str:
         return f"PrecisionWrapper(mode={self.mode_name!r})"
 
@@ -293,16 +303,16 @@ class PrecisionWrapper:
             )
         if self.masters is not None:
             self.masters.accumulate_grads()  # gradients from a plain loss.backward()
-        params = [p for p in self.step_parameters() if p.grad is not None]
-        grads = [p.grad for p in params]
+        with_grads = [(p, p.grad) for p in self.step_parameters() if p.grad is not None]
+        grads = [g for _, g in with_grads]
         self._wide = {}
         if self.scaler is not None:
-            narrow = [p for p in params if p.grad.dtype is torch.float16  # type: ignore[union-attr]
-                      and p.grad.layout is torch.strided and not is_dtensor(p.grad)]
-            found_wide, wide = unscale_fp16_wide([p.grad for p in narrow], self.scaler.scale)
-            self._wide = {id(p): (w, p.grad, p.grad._version)  # type: ignore[union-attr]
-                          for p, w in zip(narrow, wide, strict=True)}
-            rest = [p.grad for p in params if id(p) not in self._wide]
+            narrow = [(p, g) for p, g in with_grads if g.dtype is torch.float16
+                      and g.layout is torch.strided and not is_dtensor(g)]
+            found_wide, wide = unscale_fp16_wide([g for _, g in narrow], self.scaler.scale)
+            self._wide = {id(p): (w, g, g._version)
+                          for (p, g), w in zip(narrow, wide, strict=True)}
+            rest = [g for p, g in with_grads if id(p) not in self._wide]
             self._found_inf = unscale_and_check(rest, self.scaler.scale) or found_wide
         elif self.skip_nonfinite and check:
             self._found_inf = non_finite_found(grads)

@@ -38,7 +38,7 @@ def tensors_in(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         flatten = getattr(type(obj), "__tensor_flatten__", None)
         if flatten is not None and type(obj) is not torch.nn.Parameter:
-            names, _ = obj.__tensor_flatten__()
+            names, _ = flatten(obj)
             for name in names:
                 yield from tensors_in(getattr(obj, name), depth + 1)
         else:
@@ -149,7 +149,7 @@ class PeakTracker:
         with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU],
                                       profile_memory=True) as prof:
             yield self
-        events = [e for e in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+        events = [e for e in prof.profiler.kineto_results.events()  # type: ignore[union-attr, unused-ignore]
                   if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
         events.sort(key=lambda e: e.start_ns())
         live = peak = 0

@@ -90,7 +90,7 @@ def _tags(name: str) -> frozenset[str]:
     """The tags the installed mode ``name`` declares; none if it is not installed (its
     row then fails at ``wrap``, which says what to install)."""
     entry = registry().modes().get(name)
-    return frozenset() if entry is None else entry.spec.tags
+    return frozenset() if entry is None else frozenset(entry.spec.tags)
 
 
 def parse_modes(text: str) -> list[ModeChoice]:

@@ -29,7 +29,7 @@ CONTRACTS: dict[str, str] = {
 }
 
 
-class ContractViolation(pytest.fail.Exception):  # type: ignore[misc,name-defined]
+class ContractViolation(pytest.fail.Exception):  # type: ignore[name-defined]
     """A mode broke one of mixprec's contracts (a pytest failure).
 
     pytest shows only the message (which says what broke and how to fix it),

@@ -262,7 +262,7 @@ class Snapshot:
         for name in now_params.keys() - self.params.keys():
             out.append(f"parameter {name!r} was added")
         now_buffers = dict(model.named_buffers(remove_duplicate=False))
-        for name, (obj, value) in self.buffers.items():
+        for name, (buf, value) in self.buffers.items():
             b = now_buffers.get(name)
             if b is None:
                 out.append(f"buffer {name!r} is gone")
@@ -270,7 +270,7 @@ class Snapshot:
                 out.append(f"buffer {name!r} has dtype {b.dtype}, was {value.dtype}")
             elif b.shape != value.shape or not torch.equal(b, value):
                 out.append(f"buffer {name!r} changed value")
-            elif b is not obj:
+            elif b is not buf:
                 out.append(f"buffer {name!r} is a different tensor object")
         if list(model.state_dict()) != self.state_keys:
             out.append("model.state_dict() has other keys than before")

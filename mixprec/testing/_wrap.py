@@ -115,7 +115,8 @@ class WrapChecks(ConformanceBase):
                 "registration", f"{part!r} does not accept its own options() {obj.options()!r}: "
                 f"{exc}", "Return from options() exactly the keyword options the factory takes: "
                 "a checkpoint records them to rebuild the mode.") from None
-        built = [rebuilt.precision_mode, *rebuilt.optimizer_modes]
+        built: list[mixprec.PrecisionMode | mixprec.OptimizerMode] = [
+            rebuilt.precision_mode, *rebuilt.optimizer_modes]
         again = next((o for o in built if o.name == part), None)
         if again is None or again.options() != obj.options():
             got = None if again is None else again.options()
@@ -183,7 +184,7 @@ class WrapChecks(ConformanceBase):
             precision.precision_mode.convert_module = capture  # type: ignore[method-assign]
             records: list[logging.LogRecord] = []
             handler = logging.Handler(logging.INFO)
-            handler.emit = records.append  # type: ignore[method-assign]
+            handler.emit = records.append  # type: ignore[method-assign, assignment]
             logger = logging.getLogger("mixprec")
             old_level = logger.level
             logger.addHandler(handler)
