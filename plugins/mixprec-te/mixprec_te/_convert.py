@@ -58,16 +58,16 @@ def te_layer_from_torch(
         new = te.LayerNorm(layer.normalized_shape[0], eps=layer.eps, params_dtype=dtype, device=device)
         pairs = [("weight", layer.weight), ("bias", layer.bias)]
     else:  # nn.RMSNorm
-        new = te.RMSNorm(layer.normalized_shape[0], eps=layer.eps,  # type: ignore[index]
+        new = te.RMSNorm(layer.normalized_shape[0], eps=layer.eps,
                          params_dtype=dtype, device=device)
         pairs = [("weight", layer.weight)]
     for pname, old in pairs:
         param = getattr(new, pname)
         param.copy_(old)
-        param.requires_grad_(old.requires_grad)  # type: ignore[union-attr]
+        param.requires_grad_(old.requires_grad)
     new.train(layer.training)
     BUILT.add(new)
-    return new  # type: ignore[no-any-return]
+    return new
 
 
 @torch.no_grad()
@@ -175,7 +175,7 @@ def _replacement(
         {"__new__": __new__, "_original": original, "__module__": original.__module__,
          "__qualname__": original.__qualname__},
     )
-    return replacement  # type: ignore[no-any-return]
+    return replacement
 
 
 @contextlib.contextmanager
@@ -204,7 +204,7 @@ def torch_layers_as_te(
         layer = te.Linear(in_features, out_features, bias=bias, params_dtype=_dtype(dtype),
                           device=device if device is not None else target)
         BUILT.add(layer)
-        return layer  # type: ignore[no-any-return]
+        return layer
 
     def build_layernorm(normalized_shape: Any, eps: float = 1e-5, elementwise_affine: bool = True,
                         bias: bool = True, device: Any = None,
@@ -216,7 +216,7 @@ def torch_layers_as_te(
         layer = te.LayerNorm(size, eps=eps, params_dtype=_dtype(dtype),
                              device=device if device is not None else target)
         BUILT.add(layer)
-        return layer  # type: ignore[no-any-return]
+        return layer
 
     def build_rmsnorm(normalized_shape: Any, eps: float | None = None,
                       elementwise_affine: bool = True, device: Any = None,
@@ -230,7 +230,7 @@ def torch_layers_as_te(
         layer = te_rmsnorm(size, eps=eps, params_dtype=_dtype(dtype),
                            device=device if device is not None else target)
         BUILT.add(layer)
-        return layer  # type: ignore[no-any-return]
+        return layer
 
     target = device
     patches: dict[str, type[torch.nn.Module]] = {

@@ -294,7 +294,7 @@ class TransformerEngineMode(mixprec.PrecisionMode):
         return contextlib.nullcontext()
 
     @contextlib.contextmanager
-    def forward_context(self) -> Iterator[None]:  # type: ignore[override]
+    def forward_context(self) -> Iterator[None]:
         te = load_te(self.name)
         device_type = self.device.type if self.device is not None else "cuda"
         with contextlib.ExitStack() as stack:

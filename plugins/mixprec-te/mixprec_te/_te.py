@@ -95,8 +95,8 @@ def fp8_autocast(te: ModuleType, recipe: Any) -> contextlib.AbstractContextManag
     deprecates ``fp8_autocast``), ``te.fp8_autocast`` on older releases."""
     autocast = getattr(te, "autocast", None)
     if autocast is not None and _takes(autocast, "recipe"):
-        return autocast(enabled=True, recipe=recipe)  # type: ignore[no-any-return]
-    return te.fp8_autocast(enabled=True, fp8_recipe=recipe)  # type: ignore[no-any-return]
+        return autocast(enabled=True, recipe=recipe)
+    return te.fp8_autocast(enabled=True, fp8_recipe=recipe)
 
 
 def fp8_support(te: ModuleType) -> tuple[bool, str]:

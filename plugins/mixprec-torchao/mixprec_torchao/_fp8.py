@@ -361,7 +361,7 @@ def _become(module: torch.nn.Module, converted: torch.nn.Module) -> list[str]:
     return added
 
 
-def _plain_linear(layer: torch.nn.Module) -> torch.nn.Linear:
+def _plain_linear(layer: Any) -> torch.nn.Linear:
     with torch.device("meta"):
         linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=False)
     linear.weight = layer.weight
