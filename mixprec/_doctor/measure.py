@@ -184,8 +184,8 @@ def reference_pass(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn) ->
                 grads.append({n: p.grad.detach().clone() for n, p in named.items()
                               if p.grad is not None})
                 for n in names:
-                    weight = [named[k].grad for k in _direct_params(modules[n], n)
-                              if named[k].grad is not None]
+                    weight = [g for k in _direct_params(modules[n], n)
+                              if (g := named[k].grad) is not None]
                     layers[n].add_grads(out_grads.get(n, []) + weight)
     finally:
         for h in handles:

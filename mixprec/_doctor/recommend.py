@@ -60,7 +60,7 @@ def flag(result: ModeResult, *, loss_threshold: float, sqnr_threshold: float,
                           f"activations exceed fp16's range (65504) in {', '.join(overflow)}"))
     lost = [lr for lr in result.layers if lr.lost is not None and lr.lost > lost_threshold]
     if lost:
-        shown = ", ".join(f"{lr.name} {100 * lr.lost:.0f}%" for lr in lost[:6])
+        shown = ", ".join(f"{lr.name} {100 * (lr.lost or 0.0):.0f}%" for lr in lost[:6])
         more = f" and {len(lost) - 6} more" if len(lost) > 6 else ""
         flags.append(Flag("lost-updates", [lr.name for lr in lost],
                           f"most updates round away (smaller than half a unit in the last "
