@@ -53,6 +53,7 @@ from ._helpers import ConformanceNet
 from ._tools import (
     assert_state_equal,
     checkpoint_roundtrip,
+    first_party_modes,
     seeded,
     train_steps,
     wrap_quietly,
@@ -70,6 +71,7 @@ __all__ = [
     "ModeConformance",
     "assert_state_equal",
     "checkpoint_roundtrip",
+    "first_party_modes",
     "mixprec_plugins",
     "mixprec_registry",
     "register_mixprec_plugin",

@@ -18,9 +18,20 @@ import mixprec
 
 from ._helpers import nested_differences
 
-__all__ = ["assert_state_equal", "checkpoint_roundtrip", "seeded", "train_steps", "wrap_quietly"]
+__all__ = ["assert_state_equal", "checkpoint_roundtrip", "first_party_modes", "seeded",
+           "train_steps", "wrap_quietly"]
 
 _T = TypeVar("_T")
+
+
+def first_party_modes(distribution: str) -> frozenset[str]:
+    """The mode names the core's install hints attribute to ``distribution`` (an unknown
+    mode of that name says ``pip install <distribution>``). A first-party plugin's tests
+    check that it provides exactly these; for any other distribution the set is empty,
+    and its modes must not take these names."""
+    from .._registry import FIRST_PARTY_MODES
+
+    return frozenset(n for n, d in FIRST_PARTY_MODES.items() if d == distribution)
 
 
 def seeded(factory: Callable[..., _T], *args: Any, seed: int = 0, **kwargs: Any) -> _T:
