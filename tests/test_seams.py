@@ -41,3 +41,161 @@ def test_every_core_mode_trains_under_a_non_fp32_default_dtype(
     got = run(ours)
     assert got == want  # nothing mixprec creates follows the user's default dtype
     assert torch.get_default_dtype() is default
+
+
+# -- sparse gradients and complex parameters ---------------------------------------------------
+
+
+class SparseNet(torch.nn.Module):
+    """An embedding with sparse gradients and a dense head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8, sparse=True)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(tokens))
+
+
+class ComplexNet(torch.nn.Module):
+    """A linear layer followed by a trainable complex phase."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.phase = torch.nn.Parameter(torch.randn(8, dtype=torch.complex64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.lin(x) * self.phase).abs()
+
+
+def _sparse_loss(model: torch.nn.Module, step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(step)
+    tokens = torch.randint(0, 16, (6, 5), generator=g)  # repeated tokens: uncoalesced grads
+    return model(tokens).float().pow(2).mean()
+
+
+def _complex_loss(model: torch.nn.Module, step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(6, 8, generator=g)
+    return (model(x).float() - 1.0).pow(2).mean()
+
+
+def _seeded(cls: type[torch.nn.Module]) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return cls()
+
+
+def _train_plain(model, opt, loss_fn, steps, scaler=None, autocast=None):
+    for step in range(steps):
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            loss = loss_fn(model, step)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        opt.zero_grad()
+
+
+def _train_wrapped(model, opt, loss_fn, steps):
+    for step in range(steps):
+        opt.backward(loss_fn(model, step))
+        opt.step()
+        opt.zero_grad()
+
+
+def test_sparse_gradients_under_16_mixed_match_torch_autocast_and_gradscaler():
+    ref = _seeded(SparseNet)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    _train_plain(ref, ref_opt, _sparse_loss, 4, torch.amp.GradScaler("cpu"), torch.float16)
+    model = _seeded(SparseNet)
+    model, opt = mixprec.wrap(model, torch.optim.SGD(model.parameters(), lr=0.5), "16-mixed")
+    _train_wrapped(model, opt, _sparse_loss, 4)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize(("mode", "options"), CORE_MODES, ids=CORE_IDS)
+def test_sparse_gradients_train_in_every_core_mode(mode, options):
+    ref = _seeded(SparseNet)
+    _train_plain(ref, torch.optim.SGD(ref.parameters(), lr=0.5), _sparse_loss, 4)
+    model = _seeded(SparseNet)
+    model, opt = mixprec.wrap(model, torch.optim.SGD(model.parameters(), lr=0.5), mode,
+                              **options)
+    _train_wrapped(model, opt, _sparse_loss, 4)
+    assert opt.precision.skipped_steps == 0
+    tol = {"32": 0, "64": 1e-6, "16": 1e-2, "bf16": 5e-2}[mode.split("-")[0]]
+    for (name, p), q in zip(mixprec.unwrap(model).named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.float(), q, atol=tol, rtol=tol, msg=name)
+
+
+def test_sparse_fp16_gradients_that_overflow_when_coalesced_skip_the_step():
+    model = _seeded(SparseNet)
+    model, opt = mixprec.wrap(model, torch.optim.SGD(model.parameters(), lr=0.5), "16-true",
+                              init_scale=2.0**14)
+    before = model.embed.weight.detach().clone()
+    # token 3 eight times: each scaled row entry is finite, their sum is not
+    out = model(torch.full((8,), 3))
+    opt.backward(out[:, 0].float().sum() * 1.0)
+    assert not model.embed.weight.grad.is_coalesced()
+    opt.step()
+    assert opt.precision.skipped_steps == 1 and opt.precision.loss_scale == 2.0**13
+    assert torch.equal(model.embed.weight, before)
+
+
+@pytest.mark.parametrize("mode", ["32-true", "64-true", "16-mixed", "bf16-mixed"])
+def test_complex_parameters_train_and_stay_complex(mode):
+    ref = _seeded(ComplexNet)
+    _train_plain(ref, torch.optim.Adam(ref.parameters(), lr=1e-2), _complex_loss, 4)
+    model = _seeded(ComplexNet)
+    model, opt = mixprec.wrap(model, torch.optim.Adam(model.parameters(), lr=1e-2), mode)
+    assert model.phase.dtype is torch.complex64
+    _train_wrapped(model, opt, _complex_loss, 4)
+    assert opt.precision.skipped_steps == 0
+    tol = {"32-true": 0, "64-true": 1e-5, "16-mixed": 5e-3, "bf16-mixed": 3e-2}[mode]
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.to(q.dtype), q, atol=tol, rtol=tol, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["32-true", "16-mixed", "bf16-mixed"])
+def test_a_non_finite_complex_gradient_skips_the_step(mode):
+    model = _seeded(ComplexNet)
+    model, opt = mixprec.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), mode)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.backward(_complex_loss(model, 0))
+    model.phase.grad[2] = complex(0.0, float("inf"))
+    opt.step()
+    assert opt.precision.skipped_steps == 1
+    assert opt.precision.last_nonfinite_param == "phase"
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("mode", ["16-true", "bf16-true"])
+def test_true_16_bit_modes_refuse_complex_parameters_by_name(mode):
+    model = _seeded(ComplexNet)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(mixprec.exceptions.WrapError, match=r"'phase'.*complex64.*bf16-mixed"):
+        mixprec.wrap(model, opt, mode)
+    assert not mixprec.is_wrapped(model)
+    for n, p in model.named_parameters():
+        assert p.dtype is before[n].dtype and torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("mode", ["32-true", "bf16-mixed", "16-mixed"])
+def test_a_non_finite_sparse_gradient_skips_the_step_and_is_named(mode):
+    model = _seeded(SparseNet)
+    model, opt = mixprec.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), mode)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.backward(_sparse_loss(model, 0))
+    model.embed.weight.grad._values()[1, 2] = float("nan")
+    opt.step()
+    assert opt.precision.skipped_steps == 1
+    assert opt.precision.last_nonfinite_param == "embed.weight"
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
