@@ -8,8 +8,9 @@ entry-point group, the entry-point name being the distribution name::
     mixprec-bnb = "mixprec_bnb.plugin"
 
 The entry-point module must import only ``mixprec`` (and the standard
-library): plugins are loaded when the registry is first used, and a heavy
-library should load only when one of its modes is built.
+library): plugins are imported only when a mode name outside the core is looked
+up or every mode is listed (``mixprec modes``), and a heavy library should load
+only when one of its modes is built.
 """
 
 from __future__ import annotations
