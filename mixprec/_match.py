@@ -2,9 +2,14 @@
 
 A pattern selects a module when it equals the module's dotted name or the name
 of one of its parents (``"lm_head"`` selects ``lm_head`` and everything inside
-it, not ``lm_head2``). A pattern holding ``*``, ``?`` or ``[`` is an ``fnmatch``
-glob matched the same way (``"blocks.*.attn"`` selects ``blocks.0.attn`` and
-``blocks.0.attn.q``; ``*`` also crosses dots).
+it, not ``lm_head2``), or when that name ends with ``.`` + the pattern: names are
+matched from the end as well, so ``"lm_head"`` also selects
+``base_model.model.lm_head`` (the name peft gives it) and ``"attn.q"`` selects
+``blocks.0.attn.q`` — whole name parts only (``"head"`` selects neither
+``lm_head`` nor ``lm_head.x``). A pattern holding ``*``, ``?`` or ``[`` is an
+``fnmatch`` glob matched the same way (``"blocks.*.attn"`` selects
+``blocks.0.attn``, ``blocks.0.attn.q`` and ``model.blocks.0.attn``; ``*`` also
+crosses dots).
 """
 
 from __future__ import annotations
@@ -39,17 +44,25 @@ def normalize_patterns(patterns: str | Iterable[str], option: str) -> tuple[str,
 def match_module(name: str, patterns: Iterable[str]) -> str | None:
     """The first pattern that selects module ``name`` (or one of its parents), or None.
 
-    The root module (name ``""``) is selected by no pattern.
+    A pattern selects a name that equals it or ends with ``.`` + it (whole name parts:
+    ``"lm_head"`` selects ``lm_head`` and ``base_model.model.lm_head``, not
+    ``lm_head2``), and everything inside such a module; globs (``*``, ``?``, ``[``)
+    are matched against the same names. The root module (name ``""``) is selected by
+    no pattern.
     """
     if not name:
         return None
     parts = name.split(".")
-    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    # The module and each of its parents, each also without its leading parts: every
+    # run of whole parts of ``name``.
+    candidates = [".".join(parts[start:end])
+                  for end in range(1, len(parts) + 1) for start in range(end)]
     for pattern in patterns:
-        glob = not _GLOB_CHARS.isdisjoint(pattern)
-        for prefix in prefixes:
-            if fnmatch.fnmatchcase(prefix, pattern) if glob else prefix == pattern:
+        if not _GLOB_CHARS.isdisjoint(pattern):
+            if any(fnmatch.fnmatchcase(c, pattern) for c in candidates):
                 return pattern
+        elif pattern in candidates:
+            return pattern
     return None
 
 

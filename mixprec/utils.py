@@ -8,7 +8,8 @@ Plugins (first- and third-party) call these instead of keeping copies::
   checked), :func:`dtype_name` (the plain name checkpoints store),
   :func:`short_dtype_name` (as in mode names);
 - modules: :func:`match_module` (the ``ignore_modules`` rule: dotted names and
-  globs, parents included), :func:`normalize_patterns`, :func:`closest_name`,
+  globs, parents included, matched from the end as well: ``"lm_head"`` selects
+  peft's ``base_model.model.lm_head``), :func:`normalize_patterns`, :func:`closest_name`,
   :func:`device_of`, :func:`cast_floating`;
 - data: :func:`apply_to_float_tensors`, :func:`local_tensor` / :func:`local_tensors`
   (FSDP2 shards);

@@ -66,7 +66,8 @@ class TransformerEngineMode(mixprec.PrecisionMode):
     :param ignore_modules: dotted module names or globs of modules to leave alone,
         matched by :func:`mixprec.utils.match_module` as in every mode: a name or glob
         selects the module and everything inside it (``"blocks.*.attn"`` keeps
-        ``blocks.0.attn.q``; ``"lm_head"`` does not select ``lm_head2``).
+        ``blocks.0.attn.q``; ``"lm_head"`` does not select ``lm_head2``), matched from
+        the end of the dotted name too (``"lm_head"`` selects ``base_model.model.lm_head``).
     :param master_weights: keep fp32 master weights in the optimizer. Default: off
         for bf16 (as Lightning), on for fp16, where it is required (torch's Adam
         cannot step fp16 parameters: its ``eps`` rounds to 0).

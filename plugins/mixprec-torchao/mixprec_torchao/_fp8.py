@@ -67,7 +67,9 @@ class Float8Training(mixprec.PrecisionMode):
         full dotted path as ``named_modules()`` shows it (``"lm_head"``,
         ``"blocks.0.attn"``) or ``fnmatch`` glob (``"blocks.*.mlp.down"``), matched by
         :func:`mixprec.utils.match_module` as in every mode: a name or glob that selects
-        a parent keeps every Linear inside it. A name that matches no module is an error.
+        a parent keeps every Linear inside it; names are matched from the end too
+        (``"lm_head"`` selects ``base_model.model.lm_head``). A name that matches no
+        module is an error.
     :param module_filter: ``fn(linear, fqn) -> bool``; False keeps the layer (torchao's
         ``module_filter_fn``). Called once per ``nn.Linear`` at ``wrap``.
     :param autocast: ``"bf16"`` (default): everything outside the FP8 GEMMs runs under

@@ -29,6 +29,10 @@ CASES = [
     (["blocks.?.attn.[k]"], {"blocks.0.attn.k"}),  # ? and [ make a glob too
     (["lm_head"], {"lm_head"}),  # a name, not a prefix: not lm_head2
     (["blocks.1", "lm_head2"], {"blocks.1.attn.q", "lm_head2"}),
+    # names are matched from the end as well, by whole parts (peft's base_model.model.lm_head)
+    (["attn.q"], {"blocks.0.attn.q", "blocks.1.attn.q"}),  # a module's trailing parts
+    (["0.attn"], {"blocks.0.attn.q", "blocks.0.attn.k"}),  # a parent's trailing parts
+    (["mlp.u[p]"], {"blocks.0.mlp.up"}),  # a glob, from the end too
 ]
 
 
