@@ -9,6 +9,7 @@ from ._builtin_modes import MixedPrecision, TruePrecision
 from ._doctor import doctor
 from ._interface import ModeSpec, OptimizerMode, PrecisionMode, build_context, step_in_dtype
 from ._module import WrappedModule, is_wrapped
+from ._monitor import Monitor
 from ._optimizer import WrappedOptimizer
 from ._registry import ModeEntry, Registry, registry, use_registry
 from ._scaler import LossScaler
@@ -26,6 +27,7 @@ __all__ = [
     "MixprecWarning",
     "ModeEntry",
     "ModeSpec",
+    "Monitor",
     "OptimizerMode",
     "PrecisionMode",
     "PrecisionWrapper",
