@@ -66,7 +66,8 @@ class TruePrecision(_ScalingOptions, PrecisionMode):
         when there are no master weights. Default fp32 for ``16-true`` (fp16
         optimizer state underflows: Adam's ``eps=1e-8`` is 0 in fp16), the model
         dtype otherwise. Parameters are still stored in ``dtype``.
-    :param keep_output_dtype: return outputs in ``dtype`` instead of fp32.
+    :param keep_output_dtype: return outputs in ``dtype`` instead of fp32 (16-bit modes;
+        ``32-true`` leaves inputs and outputs as they are, ``64-true`` returns fp64).
     :param scaler_options: ``init_scale``, ``growth_factor``, ``backoff_factor``,
         ``growth_interval``, ``min_scale``, ``max_scale``, ``hysteresis`` (fp16 only).
     """
@@ -146,13 +147,17 @@ class TruePrecision(_ScalingOptions, PrecisionMode):
         return build_context(self.dtype, device)
 
     def forward_context(self) -> contextlib.AbstractContextManager[None]:
+        if self.dtype is torch.float32:  # 32-true runs the forward as it is
+            return contextlib.nullcontext()
         return default_dtype(self.dtype)
 
     def convert_input(self, data: Any) -> Any:
+        if self.dtype is torch.float32:  # as it is: fp64 data stays fp64
+            return data
         return apply_to_float_tensors(data, lambda t: t.to(self.dtype))
 
     def convert_output(self, data: Any) -> Any:
-        if self.keep_output_dtype or self.dtype is torch.float64:
+        if self.keep_output_dtype or self.dtype in (torch.float32, torch.float64):
             return data
         return apply_to_float_tensors(data, lambda t: t.to(torch.float32))
 

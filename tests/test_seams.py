@@ -199,3 +199,30 @@ def test_a_non_finite_sparse_gradient_skips_the_step_and_is_named(mode):
     assert opt.precision.last_nonfinite_param == "embed.weight"
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+# -- 32-true runs the forward as it is ---------------------------------------------------------
+
+
+class _Recorder(torch.nn.Module):
+    """Records the dtypes its forward receives; computes in fp64 where it is given fp64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.seen: dict[str, torch.dtype] = {}
+
+    def forward(self, x: torch.Tensor, extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.seen = {"x": x.dtype, "half": extra["half"].dtype}
+        return {"y": x @ self.lin.weight.double().T, "half": extra["half"] * 2}
+
+
+def test_32_true_leaves_inputs_and_outputs_as_they_are():
+    plain = _seeded(_Recorder)
+    model = mixprec.wrap(_seeded(_Recorder), mode="32-true")
+    x = torch.randn(3, 4, dtype=torch.float64)
+    extra = {"half": torch.ones(2, dtype=torch.float16)}
+    out, want = model(x, extra), plain(x, extra)
+    assert model.seen == plain.seen == {"x": torch.float64, "half": torch.float16}
+    assert out["y"].dtype is torch.float64 and out["half"].dtype is torch.float16
+    torch.testing.assert_close(out["y"], want["y"], atol=0, rtol=0)
