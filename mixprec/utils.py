@@ -15,6 +15,10 @@ Plugins (first- and third-party) call these instead of keeping copies::
   (FSDP2 shards);
 - contexts: :func:`build_context` (for ``init_context``), :func:`default_dtype`,
   :func:`step_in_dtype` (for ``optimizer_step_context``);
+- options: :func:`check_bool` (a boolean option takes ``True``/``False`` only: a truthy
+  string such as ``"no"`` is refused) and :func:`check_number` (a finite number, an
+  integer where asked, in its range; the error names the option and the range), the
+  checks the core's own options use;
 - warnings: :func:`warn_user` (attributed to the user's line, whatever the depth);
 - loss scaling: :class:`ScalerConfig`, the loss-scaler options of a mode that scales
   (``ScalerConfig.option_names()``; ``mixprec.LossScaler(**options)``).
@@ -27,6 +31,7 @@ from __future__ import annotations
 from ._dtypes import DTYPES, dtype_name, parse_dtype, short_dtype_name
 from ._interface import build_context, default_dtype, step_in_dtype
 from ._match import closest_name, match_module, normalize_patterns
+from ._options import check_bool, check_number
 from ._scaler import ScalerConfig
 from ._tensors import apply_to_float_tensors, cast_floating, device_of, local_tensor, local_tensors
 from ._warn import warn_user
@@ -37,6 +42,8 @@ __all__ = [
     "apply_to_float_tensors",
     "build_context",
     "cast_floating",
+    "check_bool",
+    "check_number",
     "closest_name",
     "default_dtype",
     "device_of",
