@@ -20,8 +20,8 @@ from ._interface import (
     ModeSpec,
     PrecisionMode,
     build_context,
-    default_dtype,
     step_in_dtype,
+    thread_default_dtype,
 )
 from ._options import check_bool
 from ._scaler import LossScaler, ScalerConfig
@@ -149,7 +149,7 @@ class TruePrecision(_ScalingOptions, PrecisionMode):
     def forward_context(self) -> contextlib.AbstractContextManager[None]:
         if self.dtype is torch.float32:  # 32-true runs the forward as it is
             return contextlib.nullcontext()
-        return default_dtype(self.dtype)
+        return thread_default_dtype(self.dtype)
 
     def convert_input(self, data: Any) -> Any:
         if self.dtype is torch.float32:  # as it is: fp64 data stays fp64

@@ -34,6 +34,7 @@ __all__ = [
     "build_context",
     "default_dtype",
     "step_in_dtype",
+    "thread_default_dtype",
 ]
 
 #: Properties a mode can declare in :attr:`ModeSpec.tags`, read by ``mixprec bench`` and
@@ -298,7 +299,13 @@ def build_context(
 
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
-    """Set torch's default dtype inside the block; restore it even on errors."""
+    """Set torch's default dtype inside the block; restore it even on errors.
+
+    torch's default dtype is process-wide: every thread sees it while the block runs.
+    That is what building a model needs (constructors that read
+    ``torch.get_default_dtype()`` included); for a forward, which may run in several
+    threads at once, use :func:`thread_default_dtype`.
+    """
     if dtype is None:
         yield
         return
@@ -308,6 +315,89 @@ def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(previous)
+
+
+#: Factories whose result is in the default dtype whenever no dtype is given.
+_FLOAT_FACTORIES = frozenset({
+    torch.empty, torch.empty_permuted, torch.empty_strided, torch.zeros, torch.ones,
+    torch.eye, torch.rand, torch.randn, torch.linspace, torch.logspace, torch.scalar_tensor,
+    torch.bartlett_window, torch.blackman_window, torch.hamming_window, torch.hann_window,
+    torch.kaiser_window, torch.fft.fftfreq, torch.fft.rfftfreq,
+})
+#: Factories whose result is in the default dtype for float Python data only
+#: (``torch.full((2,), 1)`` is int64, ``torch.tensor(x_numpy)`` keeps the array's dtype).
+_DATA_FACTORIES = frozenset({torch.full, torch.arange, torch.tensor, torch.as_tensor,
+                             torch.asarray})
+
+
+def _python_floats(data: Any) -> bool:
+    """True if torch infers its default dtype for ``data``: Python numbers (in lists and
+    tuples) with a float among them and no complex, or an empty list."""
+    kinds: set[type] = set()
+
+    def walk(x: Any) -> bool:
+        if type(x) in (bool, int, float, complex):
+            kinds.add(type(x))
+            return True
+        return isinstance(x, (list, tuple)) and all(walk(v) for v in x)
+
+    return walk(data) and complex not in kinds and (float in kinds or not kinds)
+
+
+def _makes_default_float(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    if kwargs.get("dtype") is not None or "out" in kwargs:
+        return False
+    if func in _FLOAT_FACTORIES:
+        return True
+    if func not in _DATA_FACTORIES:
+        return False
+    if func is torch.full:
+        return _python_floats(args[1] if len(args) > 1 else kwargs.get("fill_value"))
+    if func is torch.arange:
+        return _python_floats([*args, *(kwargs[k] for k in ("start", "end", "step")
+                                        if k in kwargs)])
+    if func is torch.as_tensor and len(args) > 1:  # dtype given by position
+        return False
+    data = args[0] if args else kwargs.get("data", kwargs.get("obj"))
+    return _python_floats(data)
+
+
+class _ThreadDefaultDtype(torch.overrides.TorchFunctionMode):
+    """Gives tensor factories called without a dtype this mode's dtype where torch would
+    use its default dtype. torch keeps its function-mode stack per thread."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _FLOAT_FACTORIES or func in _DATA_FACTORIES:
+            if _makes_default_float(func, args, kwargs):
+                kwargs = {**kwargs, "dtype": self.dtype}
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def thread_default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """Inside the block, floating-point tensors this thread creates without a dtype
+    (``torch.zeros(3)``, ``torch.tensor(0.5)``, a layer built in a forward) are created
+    in ``dtype``; other threads, and torch's process-wide default dtype, are untouched.
+
+    For :meth:`PrecisionMode.forward_context` of modes that run the forward in one
+    dtype: forwards may run in several threads at once, and a forward that changed
+    the process-wide default dtype would change every other thread's tensors (and,
+    overlapping, could leave it changed). ``torch.get_default_dtype()`` still reports
+    the process-wide value inside the block. Nothing is changed for ``dtype=None``.
+
+    .. versionadded:: 0.2
+    """
+    if dtype is None:
+        yield
+        return
+    with _ThreadDefaultDtype(dtype):
+        yield
 
 
 #: Gradients already unscaled into a higher dtype by the wrapper, by ``id`` of the

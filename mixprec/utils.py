@@ -13,8 +13,9 @@ Plugins (first- and third-party) call these instead of keeping copies::
   :func:`device_of`, :func:`cast_floating`;
 - data: :func:`apply_to_float_tensors`, :func:`local_tensor` / :func:`local_tensors`
   (FSDP2 shards);
-- contexts: :func:`build_context` (for ``init_context``), :func:`default_dtype`,
-  :func:`step_in_dtype` (for ``optimizer_step_context``);
+- contexts: :func:`build_context` (for ``init_context``), :func:`default_dtype`
+  (process-wide), :func:`thread_default_dtype` (for ``forward_context``: this thread
+  only), :func:`step_in_dtype` (for ``optimizer_step_context``);
 - options: :func:`check_bool` (a boolean option takes ``True``/``False`` only: a truthy
   string such as ``"no"`` is refused) and :func:`check_number` (a finite number, an
   integer where asked, in its range; the error names the option and the range), the
@@ -29,7 +30,7 @@ Plugins (first- and third-party) call these instead of keeping copies::
 from __future__ import annotations
 
 from ._dtypes import DTYPES, dtype_name, parse_dtype, short_dtype_name
-from ._interface import build_context, default_dtype, step_in_dtype
+from ._interface import build_context, default_dtype, step_in_dtype, thread_default_dtype
 from ._match import closest_name, match_module, normalize_patterns
 from ._options import check_bool, check_number
 from ._scaler import ScalerConfig
@@ -55,5 +56,6 @@ __all__ = [
     "parse_dtype",
     "short_dtype_name",
     "step_in_dtype",
+    "thread_default_dtype",
     "warn_user",
 ]

@@ -4,6 +4,9 @@ models that share parameters, optimizer state loaded before wrap)."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import pytest
 import torch
 from conftest import CORE_IDS, CORE_MODES, TinyNet, train
@@ -226,3 +229,143 @@ def test_32_true_leaves_inputs_and_outputs_as_they_are():
     assert model.seen == plain.seen == {"x": torch.float64, "half": torch.float16}
     assert out["y"].dtype is torch.float64 and out["half"].dtype is torch.float16
     torch.testing.assert_close(out["y"], want["y"], atol=0, rtol=0)
+
+
+# -- threads: a forward never changes torch's process-wide default dtype -----------------------
+
+_WAIT = 60.0  # seconds before a stuck interleaving fails the test instead of hanging it
+
+
+class _Creating(TinyNet):
+    """TinyNet whose forward adds a tensor it creates without a dtype, as user code does,
+    and calls ``pause`` around the creation to let a test force an interleaving."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pause: Callable[[], None] | None = None
+        self.created: list[torch.dtype] = []
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.pause is not None:
+            self.pause()
+        bias = torch.full((self.embed.embedding_dim,), 0.5)
+        self.created.append(bias.dtype)
+        if self.pause is not None:
+            self.pause()
+        h = self.embed(tokens) + self.offset + bias
+        h = h + self.fc2(torch.relu(self.norm(self.fc1(h))))
+        return self.head(h)
+
+
+def _in_thread(fn: Callable[[], object], on_error: Callable[[], None] = lambda: None):
+    """Run ``fn`` in a thread; returns (thread, box) with the result or error in box."""
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # reported by the test's thread
+            box["error"] = exc
+            on_error()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, box
+
+
+def _joined(thread: threading.Thread, box: dict[str, object]) -> object:
+    thread.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box.get("result")
+
+
+def test_64_true_creates_fp64_in_its_forward_while_another_thread_creates_fp32():
+    inside, go_on = threading.Event(), threading.Event()
+
+    def pause() -> None:
+        if not inside.is_set():
+            inside.set()
+            assert go_on.wait(_WAIT)
+
+    inner = _Creating()
+    inner.pause = pause
+    model = mixprec.wrap(inner, mode="64-true")
+    thread, box = _in_thread(lambda: model(torch.zeros(2, 3, dtype=torch.long)),
+                             on_error=inside.set)
+    assert inside.wait(_WAIT)
+    try:  # the 64-true forward is paused before and after its creation now
+        assert torch.zeros(2).dtype is torch.float32
+        assert torch.get_default_dtype() is torch.float32
+    finally:
+        go_on.set()
+    out = _joined(thread, box)
+    assert inner.created == [torch.float64] and out.dtype is torch.float64
+    assert torch.get_default_dtype() is torch.float32
+
+
+def test_overlapping_true_mode_forwards_leave_the_default_dtype_as_it_was():
+    # bf16-true enters, 64-true enters, bf16-true leaves, 64-true leaves: with a
+    # process-wide default dtype saved and restored per forward, bf16 is left behind.
+    steps = {name: (threading.Event(), threading.Event()) for name in ("bf16", "fp64")}
+
+    def pauser(name: str) -> Callable[[], None]:
+        calls = []
+
+        def pause() -> None:
+            calls.append(None)
+            entered, leave = steps[name]
+            if len(calls) == 1:  # before the creation: say so, wait for the turn to leave
+                entered.set()
+                assert leave.wait(_WAIT)
+        return pause
+
+    models = {}
+    for name, mode in (("bf16", "bf16-true"), ("fp64", "64-true")):
+        inner = _Creating()
+        inner.pause = pauser(name)
+        models[name] = (inner, mixprec.wrap(inner, mode=mode))
+
+    def forward(name: str) -> Callable[[], object]:
+        return lambda: models[name][1](torch.zeros(2, 3, dtype=torch.long))
+
+    release = [e for pair in steps.values() for e in pair]
+    first, first_box = _in_thread(forward("bf16"), on_error=lambda: [e.set() for e in release])
+    assert steps["bf16"][0].wait(_WAIT)
+    second, second_box = _in_thread(forward("fp64"), on_error=lambda: [e.set() for e in release])
+    assert steps["fp64"][0].wait(_WAIT)
+    steps["bf16"][1].set()
+    _joined(first, first_box)
+    steps["fp64"][1].set()
+    _joined(second, second_box)
+    assert models["bf16"][0].created == [torch.bfloat16]
+    assert models["fp64"][0].created == [torch.float64]
+    assert torch.get_default_dtype() is torch.float32
+
+
+def test_a_16_mixed_and_a_bf16_true_model_train_together_in_two_threads():
+    def build(mode: str, pause: Callable[[], None] | None):
+        torch.manual_seed(0)
+        inner = _Creating()
+        inner.pause = pause
+        model, opt = mixprec.wrap(inner, torch.optim.AdamW(inner.parameters(), lr=1e-2), mode)
+        return inner, model, opt
+
+    steps = 5
+    want = {}
+    for mode in ("16-mixed", "bf16-true"):
+        inner, model, opt = build(mode, None)
+        want[mode] = (train(model, opt, steps), inner.created)
+    assert want["16-mixed"][1] == [torch.float32] * steps
+    assert want["bf16-true"][1] == [torch.bfloat16] * steps
+
+    # Both forwards create their tensor at the same time, every step (and each
+    # thread's backward and step run while the other is inside its forward).
+    barrier = threading.Barrier(2, timeout=_WAIT)
+    runs = {mode: build(mode, barrier.wait) for mode in ("16-mixed", "bf16-true")}
+    threads = {mode: _in_thread(lambda m=model, o=opt: train(m, o, steps),
+                                on_error=barrier.abort)
+               for mode, (_, model, opt) in runs.items()}
+    got = {mode: (_joined(*threads[mode]), runs[mode][0].created) for mode in runs}
+    assert got == want
+    assert torch.get_default_dtype() is torch.float32
