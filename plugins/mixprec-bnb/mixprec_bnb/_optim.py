@@ -9,7 +9,7 @@ import torch
 
 import mixprec
 from mixprec.exceptions import ModeOptionError, UnsupportedDeviceError, WrapError
-from mixprec.utils import match_module, normalize_patterns
+from mixprec.utils import check_number, match_module, normalize_patterns
 
 from ._deps import require_bitsandbytes
 
@@ -74,10 +74,7 @@ class BitsandbytesOptimizer(mixprec.OptimizerMode):
             )
         self.module_names = normalize_patterns([e for e in entries if isinstance(e, str)],
                                                "optim_32bit_modules")
-        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) \
-                or min_8bit_size < 0:
-            raise ModeOptionError(f"min_8bit_size must be an int >= 0; got {min_8bit_size!r}.")
-        self.min_8bit_size = min_8bit_size
+        self.min_8bit_size = check_number(min_8bit_size, "min_8bit_size", minimum=0, integer=True)
 
     def options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {}

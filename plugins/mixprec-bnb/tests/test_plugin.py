@@ -116,7 +116,7 @@ def test_bad_mode_and_optimizer_options_are_refused() -> None:
         mixprec_bnb.BitsandbytesOptimizer("lion8bit")
     with pytest.raises(ModeOptionError, match=r"optim_32bit_modules takes torch.nn.Module types"):
         mixprec_bnb.BitsandbytesOptimizer(optim_32bit_modules=[int])
-    with pytest.raises(ModeOptionError, match=r"min_8bit_size must be an int >= 0; got -1"):
+    with pytest.raises(ModeOptionError, match=r"Option min_8bit_size must be an integer >= 0, got -1"):
         mixprec_bnb.BitsandbytesOptimizer(min_8bit_size=-1)
 
 
