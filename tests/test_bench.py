@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,11 +18,18 @@ import torch.nn.functional as F
 from torch import nn
 
 import mixprec
+from mixprec._bench import cli as bench_cli
 from mixprec._bench.columns import COLUMNS, Column
 from mixprec._bench.memory import PeakTracker, StorageCounter, module_tensors
 from mixprec._bench.model import PRESETS, BenchGPT, MarkovTask, lora_targets, parse_size
 from mixprec._bench.plan import parse_label, peft_available, plan, split_labels
-from mixprec._bench.report import plain_table, print_report, progress_bars, to_json
+from mixprec._bench.report import (
+    plain_table,
+    plot_available,
+    print_report,
+    progress_bars,
+    to_json,
+)
 from mixprec._bench.run import BenchConfig, BenchResult, RowResult, run_bench
 from mixprec._cli import main
 from mixprec.exceptions import UnsupportedDeviceError
@@ -502,3 +513,251 @@ def test_a_new_column_is_one_entry_in_the_list():
     assert list(to_json(result)["columns"]) == [
         "mode", "run", "step ms", "speed", "weights", "grads", "optim", "state MiB", "peak MiB",
         "loss", "vs 32-true", "skipped"]
+
+
+# -- what comes from outside is checked before anything trains ---------------------------------
+
+
+def _no_training(monkeypatch) -> None:
+    """Make any training fail the test: the checks must come first."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the bench trained before refusing its arguments")
+
+    monkeypatch.setattr(bench_cli, "run_bench", forbidden)
+
+
+def _one_line_usage_error(capsys, *args: str) -> str:
+    assert main(["bench", "--size", "tiny", "--steps", "3", "--quiet", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("mixprec bench: ")
+    return captured.err
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_output_paths_are_checked_before_training(fresh_registry, monkeypatch, tmp_path, capsys,
+                                                  flag):
+    if flag == "--plot":
+        pytest.importorskip("matplotlib")
+    _no_training(monkeypatch)
+    name = "out.json" if flag == "--json" else "out.png"
+    missing = tmp_path / "no-such-dir" / name
+    err = _one_line_usage_error(capsys, flag, str(missing))
+    assert f"{flag} {missing}: the directory {missing.parent} does not exist; create it" in err
+    err = _one_line_usage_error(capsys, flag, str(tmp_path))
+    assert f"{flag} {tmp_path}: is a directory; give a file name in it." in err
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("kept\n")
+    err = _one_line_usage_error(capsys, flag, str(a_file / name))
+    assert f"{a_file} is not a directory" in err
+    assert a_file.read_text() == "kept\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]  # no file left behind
+
+
+def _unwritable_dir(tmp_path, where: str) -> Path:
+    if where == "sysfs":  # root may write anywhere the mode bits forbid, but not here
+        if not Path("/sys/kernel").is_dir():
+            pytest.skip("no sysfs on this system")
+        return Path("/sys")
+    if os.geteuid() == 0:
+        pytest.skip("root writes in a directory without write permission")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    return locked
+
+
+@pytest.mark.parametrize("where", ["mode bits", "sysfs"])
+def test_an_unwritable_output_is_refused_before_training(fresh_registry, monkeypatch, tmp_path,
+                                                         capsys, where):
+    _no_training(monkeypatch)
+    path = _unwritable_dir(tmp_path, where) / "bench.json"
+    err = _one_line_usage_error(capsys, "--json", str(path))
+    assert f"--json {path}: cannot be written (Permission denied); choose a writable" in err
+    if plot_available():
+        err = _one_line_usage_error(capsys, "--plot", str(path.with_suffix(".png")))
+        assert "cannot be written (Permission denied)" in err
+
+
+def test_an_existing_output_file_is_left_as_it_was_by_the_check(fresh_registry, tmp_path):
+    path = tmp_path / "bench.json"
+    path.write_text("old\n")
+    assert bench_cli.unwritable(str(path)) is None
+    assert path.read_text() == "old\n"
+    assert bench_cli.unwritable(str(tmp_path / "new.json")) is None
+    assert not (tmp_path / "new.json").exists()
+
+
+def test_plot_format_and_matplotlib_are_checked_before_training(fresh_registry, monkeypatch,
+                                                                tmp_path, capsys):
+    _no_training(monkeypatch)
+    if plot_available():
+        err = _one_line_usage_error(capsys, "--plot", str(tmp_path / "curves.txt"))
+        assert "matplotlib cannot write .txt files; give a name ending in .png" in err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    err = _one_line_usage_error(capsys, "--plot", str(tmp_path / "curves.png"))
+    assert "--plot needs matplotlib; install it: pip install 'mixprec[bench]'." in err
+
+
+@pytest.mark.parametrize("modes", ["", " , ,", "  "])
+def test_an_empty_modes_list_is_a_usage_error(fresh_registry, monkeypatch, capsys, modes):
+    _no_training(monkeypatch)
+    err = _one_line_usage_error(capsys, "--modes", modes)
+    assert f"--modes {modes!r} names no mode; name one or more of the installed modes (" in err
+    for mode in ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"):
+        assert mode in err
+
+
+# -- Ctrl-C: the steps done so far, reported ---------------------------------------------------
+
+
+def _main_130(*args: str) -> int:
+    """``main`` with the bench's arguments; a KeyboardInterrupt that escapes fails the test
+    (instead of ending the test session)."""
+    try:
+        return main(["bench", "--size", "tiny", "--quiet", *args])
+    except KeyboardInterrupt:
+        pytest.fail("a KeyboardInterrupt escaped mixprec bench")
+
+
+def test_ctrl_c_during_training_prints_the_partial_table_and_json(fresh_registry, monkeypatch,
+                                                                  tmp_path, capsys):
+    @contextlib.contextmanager
+    def ctrl_c_after_nine_row_steps(quiet):
+        done = []
+
+        def start(description, total):
+            def advance(n):
+                done.append(n)
+                if len(done) == 9:
+                    raise KeyboardInterrupt
+            return advance
+
+        yield start
+
+    monkeypatch.setattr(bench_cli, "progress_bars", ctrl_c_after_nine_row_steps)
+    path = tmp_path / "bench.json"
+    assert _main_130("--steps", "10", "--modes", "bf16-mixed", "--json", str(path)) == 130
+    captured = capsys.readouterr()
+    # rounds 0-3 done by both rows (4 steps each); in round 4, 32-true (first) did its 5th
+    assert ("partial: interrupted after 4 of 10 steps; each row is computed from the steps "
+            "its mode completed") in captured.out
+    assert captured.err == ("mixprec bench: interrupted after 4 of 10 steps; the table above "
+                            "is partial, as is the file written.\n")
+    base = next(line for line in captured.out.splitlines() if line.startswith("32-true "))
+    assert " 1.00x " in base and "baseline" in base
+    data = json.loads(path.read_text())
+    assert data["partial"] is True and data["steps_done"] == 4 and data["config"]["steps"] == 10
+    assert [(r["mode"], r["steps"], len(r["losses"])) for r in data["rows"]] == [
+        ("32-true", 5, 5), ("bf16-mixed", 4, 4)]
+    for row in data["rows"]:  # numbers from the steps done: warm-up 2, then timed steps
+        assert row["status"] == "ok" and row["final_loss"] > 0
+        assert len(row["step_ms_all"]) == row["steps"] - 2 and row["step_ms"] > 0
+        assert row["bytes"]["grads"] == 4 * N and row["bytes"]["peak"] > 0
+    assert _row(data, "bf16-mixed")["speed"] > 0
+
+
+def test_a_complete_run_is_not_partial(fresh_registry, tmp_path, capsys):
+    code, data = _bench(tmp_path, "--steps", "3", "--modes", "32-true")
+    assert code == 0 and data["partial"] is False and data["steps_done"] == 3
+    assert data["rows"][0]["steps"] == 3
+    assert "partial" not in capsys.readouterr().out
+
+
+class _StopInForward(mixprec.PrecisionMode):
+    """Raises KeyboardInterrupt in its first training forward: a Ctrl-C in mid-step,
+    before any row reached its memory-tracked step."""
+
+    def convert_module(self, module: nn.Module) -> list[str]:
+        self.module = module
+        return []
+
+    def forward_context(self):
+        if self.module.training:
+            raise KeyboardInterrupt
+        return contextlib.nullcontext()
+
+
+class _StopInWrap(mixprec.PrecisionMode):
+    """Raises KeyboardInterrupt while the bench sets its row up, before any training."""
+
+    def convert_module(self, module: nn.Module) -> list[str]:
+        raise KeyboardInterrupt
+
+
+class _StopModes:
+    @mixprec.hookimpl
+    def mixprec_modes(self) -> list[mixprec.ModeSpec]:
+        return [mixprec.ModeSpec("stop-in-forward", _StopInForward, "Ctrl-C mid-step (test)"),
+                mixprec.ModeSpec("stop-in-wrap", _StopInWrap, "Ctrl-C at wrap (test)")]
+
+
+@pytest.fixture
+def stop_modes(fresh_registry):
+    fresh_registry.register(_StopModes(), name="bench-stop-modes")
+    yield fresh_registry
+    fresh_registry.unregister("bench-stop-modes")
+
+
+def test_ctrl_c_in_mid_step_before_anything_was_measured(stop_modes, tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert _main_130("--steps", "10", "--modes", "stop-in-forward", "--json", str(path)) == 130
+    out = capsys.readouterr().out
+    assert "partial: interrupted after 0 of 10 steps" in out
+    data = json.loads(path.read_text())
+    assert data["partial"] is True and data["steps_done"] == 0
+    assert [(r["mode"], r["steps"]) for r in data["rows"]] == [
+        ("32-true", 1), ("stop-in-forward", 0)]
+    for row in data["rows"]:  # no timed step, no tracked step: unknown, not zero
+        assert row["step_ms"] is None and row["speed"] is None
+        assert row["bytes"]["grads"] is row["bytes"]["state"] is row["bytes"]["peak"] is None
+        assert row["bytes_per_param"]["grads"] is None and row["state_mib"] is None
+        assert row["bytes_per_param"]["weights"] == 4.0 and row["final_loss"] > 0
+    header = next(line for line in out.splitlines() if line.startswith("mode "))
+    base = next(line for line in out.splitlines() if line.startswith("32-true "))
+    grads = header.index("grads B/p")  # the cell under it is blank
+    assert base[grads:grads + len("grads B/p")].strip() == ""
+
+
+def test_ctrl_c_before_training_says_nothing_was_measured(stop_modes, tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert _main_130("--steps", "5", "--modes", "stop-in-wrap", "--json", str(path)) == 130
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == ("mixprec bench: interrupted before the first training step; "
+                            "nothing was measured, nothing written.\n")
+    assert not path.exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process: POSIX")
+def test_sigint_to_a_real_bench_process(tmp_path):
+    path = tmp_path / "bench.json"
+    env = {**os.environ, "MIXPREC_LOAD_PLUGINS": ""}
+    # A child inherits an ignored SIGINT (a shell's background job): restore the default,
+    # so that Python turns SIGINT into KeyboardInterrupt as it does at a terminal.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mixprec._cli", "bench", "--size", "tiny", "--steps", "400",
+         "--modes", "32-true", "--json", str(path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    seen = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # progress lines go to stderr (not a terminal: plain)
+            seen.append(line)
+            if line.strip().startswith("10% ("):  # 40 of 400 steps done, 360 to go
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=600)  # guards against a hang only
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    err = "".join(seen) + err
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err
+    assert "partial: interrupted after " in out and " of 400 steps;" in out
+    assert "\n32-true " in out
+    data = json.loads(path.read_text())
+    assert data["partial"] is True and 40 <= data["steps_done"] < 400
+    assert data["rows"][0]["steps"] == data["steps_done"]
+    assert "mixprec bench: interrupted after " in err

@@ -5,7 +5,14 @@ a synthetic language with a known best loss, under every mode the installed
 plugins provide (``plan``), interleaved step by step (``run``),
 and prints one table of speed, bytes per parameter, peak memory and loss
 (``report``). Exit status: 0 when every selected mode ran, 1 when one
-could not run here (the others still report), 2 for bad arguments.
+could not run here (the others still report), 2 for bad arguments, 130 when
+stopped by Ctrl-C.
+
+What comes from outside is checked before anything trains: the size, steps,
+device, the ``--modes`` selection, and that ``--json``/``--plot`` can be written
+(a bad one is a one-line error, not a traceback after minutes of training). A
+Ctrl-C during training prints the table of the steps done, writes the files
+asked for, marked partial, and exits 130.
 """
 
 from __future__ import annotations
@@ -13,14 +20,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Iterator
 
 import torch
 
+from .. import registry
 from .model import PRESETS, parse_size
-from .plan import plan
+from .plan import plan, split_labels
 from .report import plot_available, print_report, progress_bars, write_json, write_plot
 from .run import BenchConfig, run_bench
 
@@ -83,26 +92,100 @@ def run(args: argparse.Namespace) -> int:
     if device.type not in ("cpu", "cuda"):
         return _usage_error(f"--device {args.device}: the bench measures memory on cpu and "
                             "cuda only; use one of those.")
+    if args.modes is not None and not split_labels(args.modes):
+        installed = ", ".join(registry().modes())
+        return _usage_error(f"--modes {args.modes!r} names no mode; name one or more of the "
+                            f"installed modes ({installed}), or leave --modes out to run "
+                            "them all.")
     if args.plot and not plot_available():
         return _usage_error("--plot needs matplotlib; install it: pip install 'mixprec[bench]'.")
+    for flag, path in (("--json", args.json_path), ("--plot", args.plot)):
+        problem = path and unwritable(path)
+        if problem:
+            return _usage_error(f"{flag} {path}: {problem}")
+    if args.plot and (problem := _plot_format_problem(args.plot)):
+        return _usage_error(f"--plot {args.plot}: {problem}")
 
     choices, left_out = plan(args.modes, device)
     config = BenchConfig(size=size, steps=args.steps, seed=args.seed, device=device,
                          warmup=BenchConfig.warmup_for(args.steps),
                          pretrain_steps=max(1, args.steps // 2))
-    with _quiet_libraries(), progress_bars(args.quiet) as progress:
-        result = run_bench(choices, config, progress, left_out)
+    try:
+        with _quiet_libraries(), progress_bars(args.quiet) as progress:
+            result = run_bench(choices, config, progress, left_out)
+    except KeyboardInterrupt:  # run_bench reports any Ctrl-C from its first step on
+        print("mixprec bench: interrupted before the first training step; nothing was "
+              "measured, nothing written.", file=sys.stderr)
+        return 130
     print_report(result)
-    if args.json_path:
-        write_json(result, args.json_path)
-    if args.plot:
-        write_plot(result, args.plot)
+    status = 0
+    for flag, path, write in (("--json", args.json_path, write_json),
+                              ("--plot", args.plot, write_plot)):
+        if path:
+            try:
+                write(result, path)
+            except OSError as exc:  # checked before training; changed since
+                print(f"mixprec bench: could not write {flag} {path} ({exc.strerror or exc}); "
+                      "the table above holds the results.", file=sys.stderr)
+                status = 1
     if result.failed:
         names = ", ".join(f"{r.label} ({r.run})" for r in result.failed)
         print(f"mixprec bench: {len(result.failed)} selected mode(s) could not run here: "
               f"{names}; see the FAILED lines above for why.", file=sys.stderr)
-        return 1
-    return 0
+        status = 1
+    if result.partial:
+        written = [p for p in (args.json_path, args.plot) if p]
+        files = ["", ", as is the file written", ", as are the files written"][len(written)]
+        print(f"mixprec bench: interrupted after {result.interrupted_after} of "
+              f"{result.config.steps} steps; the table above is partial{files}.",
+              file=sys.stderr)
+        return 130
+    return status
+
+
+def unwritable(path: str) -> str | None:
+    """Why ``path`` cannot be written as an output file, or None when it can.
+
+    Checked before training, so a typo costs a second, not the run: the path is
+    not a directory, its directory exists, and opening it for writing works (the
+    same ``open`` the write does later; a file this creates is removed again and
+    an existing one is left as it was).
+    """
+    target = os.path.abspath(path)
+    parent = os.path.dirname(target)
+    if os.path.isdir(target):
+        return "is a directory; give a file name in it."
+    if not os.path.exists(parent):
+        return f"the directory {parent} does not exist; create it or write elsewhere."
+    if not os.path.isdir(parent):
+        return f"{parent} is not a directory; give a path in a directory."
+    if os.path.exists(target) and not os.path.isfile(target):  # a device, a pipe
+        if os.access(target, os.W_OK):  # opening a pipe would wait for a reader
+            return None
+        return "cannot be written (permission denied); choose another path."
+    existed = os.path.exists(target)
+    try:
+        with open(target, "a"):
+            pass
+    except OSError as exc:
+        return f"cannot be written ({exc.strerror or exc}); choose a writable place."
+    if not existed:
+        with contextlib.suppress(OSError):
+            os.remove(target)
+    return None
+
+
+def _plot_format_problem(path: str) -> str | None:
+    """Why matplotlib cannot save a figure under ``path``'s suffix, or None."""
+    suffix = os.path.splitext(path)[1][1:].lower()
+    if not suffix:  # matplotlib saves a PNG then
+        return None
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix in formats:
+        return None
+    return f"matplotlib cannot write .{suffix} files; give a name ending in .png, .pdf or .svg."
 
 
 #: Import-time notices of the plugins' libraries that say nothing about the run

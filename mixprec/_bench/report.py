@@ -52,7 +52,14 @@ def header_lines(result: BenchResult) -> list[str]:
         f"{result.loss_floor:.3f} nats/token, uniform guess {math.log(c.size.vocab):.3f}",
         f"device: {c.device} ({machine_name(c.device)}{threads}); {c.steps} steps per mode, "
         f"seed {c.seed}; step time = median after {c.warmup} warm-up steps",
+        *([partial_line(result)] if result.partial else []),
     ]
+
+
+def partial_line(result: BenchResult) -> str:
+    """What a run stopped by Ctrl-C shows, and how its rows are computed."""
+    return (f"partial: interrupted after {result.interrupted_after} of {result.config.steps} "
+            "steps; each row is computed from the steps its mode completed")
 
 
 def footer_lines(result: BenchResult) -> list[str]:
@@ -104,7 +111,7 @@ def print_report(result: BenchResult, out: TextIO | None = None) -> None:
     natural = console.measure(table, options=console.options.update_width(10_000)).maximum
     console = Console(file=out, width=max(console.width, natural))
     for line in header_lines(result):
-        console.print(Text(line))
+        console.print(Text(line, style="red" if line.startswith("partial") else ""))
     console.print(table)
     for line in footer_lines(result):
         console.print(Text(line, style="red" if line.startswith("FAILED") else ""))
@@ -119,6 +126,9 @@ def to_json(result: BenchResult) -> dict[str, Any]:
         "machine": machine_name(device),
         "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
         "config": summary_of(result),
+        "partial": result.partial,
+        "steps_done": result.config.steps if result.interrupted_after is None
+        else result.interrupted_after,
         "task": {"name": "second-order Markov source", "vocab": result.config.size.vocab,
                  "loss_floor": result.loss_floor,
                  "uniform_loss": math.log(result.config.size.vocab)},
@@ -143,8 +153,10 @@ def _json_row(r: RowResult) -> dict[str, Any]:
     row.update({
         "mode_string": r.mode, "baseline": r.baseline, "status": r.status, "error": r.error,
         "params": r.params,
-        "bytes": {"weights": r.weight_bytes, "grads": r.grad_bytes,
-                  "optimizer": r.optimizer_bytes, "state": r.state_bytes, "peak": r.peak_bytes},
+        "steps": r.steps,
+        "bytes": {"weights": r.weight_bytes, "grads": r.grad_bytes if r.measured else None,
+                  "optimizer": r.optimizer_bytes,
+                  "state": r.state_bytes if r.measured else None, "peak": r.peak_bytes},
         "loss_gap": r.loss_gap, "losses": r.losses, "step_ms_all": r.step_ms_all,
         "summary": r.summary,
     })
@@ -219,9 +231,13 @@ Advance = Callable[[int], None]
 @contextlib.contextmanager
 def progress_bars(quiet: bool) -> Iterator[Callable[[str, int], Advance]]:
     """``start(description, total)`` -> ``advance(n)``: rich bars on stderr, plain lines
-    without rich, nothing when ``quiet``."""
+    without rich or when stderr is not a terminal (a log file, a pipe: rich would show
+    nothing there until the end), nothing when ``quiet``."""
     if quiet:
         yield lambda description, total: lambda n: None
+        return
+    if not sys.stderr.isatty():
+        yield _plain_progress
         return
     try:
         from rich.console import Console

@@ -3,7 +3,9 @@
 All rows train copies of one model on the same batches, one step of each row
 in turn (the order rotates every step), so slow phases of a shared machine
 hit every mode alike. Step times are medians after warm-up; one warm-up step
-per row is run under memory tracking.
+per row is run under memory tracking. A Ctrl-C during training stops it
+cleanly: every row is finished from the steps its mode completed and the
+result is marked partial.
 """
 
 from __future__ import annotations
@@ -84,6 +86,17 @@ class RowResult:
     def state_bytes(self) -> int:
         return self.weight_bytes + self.grad_bytes + self.optimizer_bytes
 
+    @property
+    def measured(self) -> bool:
+        """The memory-tracked warm-up step ran: the gradients' bytes and the peak are known
+        (not so in a run interrupted before it)."""
+        return self.peak_bytes is not None
+
+    @property
+    def steps(self) -> int:
+        """Training steps this row completed."""
+        return len(self.losses)
+
     def per_param(self, nbytes: int) -> float:
         return nbytes / self.params if self.params else float("nan")
 
@@ -97,10 +110,17 @@ class BenchResult:
     left_out: list[tuple[str, str]]
     loss_floor: float
     notes: list[str]
+    #: Steps every row completed before a Ctrl-C stopped the run; None when it ran to the end.
+    interrupted_after: int | None = None
 
     @property
     def failed(self) -> list[RowResult]:
         return [r for r in self.rows if r.status != "ok"]
+
+    @property
+    def partial(self) -> bool:
+        """Stopped by a Ctrl-C: the rows hold the steps done until then."""
+        return self.interrupted_after is not None
 
 
 class _Row:
@@ -299,11 +319,36 @@ def run_bench(choices: list[ModeChoice], config: BenchConfig, progress: Progress
 
     left_out = list(left_out or [])
     rows, results = _build_rows(choices, bases, config, params, left_out)
-    advance = progress(f"training {len(rows)} modes x {config.steps} steps, interleaved",
-                       len(rows) * config.steps)
+    interrupted_after = _train(rows, train_data, config, progress)
+    for row in rows:
+        if row.result.status == "ok":
+            try:
+                row.finish(eval_data)
+            except KeyboardInterrupt:  # a Ctrl-C while finishing: report what is known, now
+                if interrupted_after is None:
+                    interrupted_after = config.steps
+                break
+            except Exception as exc:
+                row.result.status, row.result.error = "error", _describe_error(exc)
+    _compare(results)
+    return BenchResult(config, results, left_out, floor, _notes(results, config),
+                       interrupted_after=interrupted_after)
+
+
+def _train(rows: list[_Row], train_data: torch.Tensor, config: BenchConfig,
+           progress: Progress) -> int | None:
+    """All rows, one step of each in turn; on a Ctrl-C, the steps every row completed
+    (a row may have done one more), else None.
+
+    Everything from the progress line on is inside the ``try``: a Ctrl-C sent once the
+    line is printed always ends here, never in the caller's setup.
+    """
+    index = 0
     gc.collect()
-    gc.disable()  # a collection inside a timed step is noise, not the mode's cost
     try:
+        advance = progress(f"training {len(rows)} modes x {config.steps} steps, interleaved",
+                           len(rows) * config.steps)
+        gc.disable()  # a collection inside a timed step is noise, not the mode's cost
         for index in range(config.steps):
             batch = train_data[index]
             shift = index % max(1, len(rows))
@@ -314,16 +359,12 @@ def run_bench(choices: list[ModeChoice], config: BenchConfig, progress: Progress
                     except Exception as exc:
                         row.result.status, row.result.error = "error", _describe_error(exc)
                 advance(1)
+    except KeyboardInterrupt:
+        return min((row.result.steps for row in rows if row.result.status == "ok"),
+                   default=index)
     finally:
         gc.enable()
-    for row in rows:
-        if row.result.status == "ok":
-            try:
-                row.finish(eval_data)
-            except Exception as exc:
-                row.result.status, row.result.error = "error", _describe_error(exc)
-    _compare(results)
-    return BenchResult(config, results, left_out, floor, _notes(results, config))
+    return None
 
 
 def _compare(results: list[RowResult]) -> None:
