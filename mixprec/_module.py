@@ -10,11 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .exceptions import AlreadyWrappedError
+
 if TYPE_CHECKING:
     from ._interface import PrecisionMode
     from ._wrapper import PrecisionWrapper
 
-__all__ = ["WrappedModule", "is_wrapped"]
+__all__ = ["WrappedModule", "check_not_wrapped", "is_wrapped"]
 
 #: Inner modules currently wrapped (weak: a deleted model leaves the set).
 _WRAPPED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
@@ -170,3 +172,36 @@ def _route_keys_to_inner(
     inner = prefix + "_module."
     for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
         state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
+
+
+def check_not_wrapped(model: torch.nn.Module) -> None:
+    """Raise :class:`AlreadyWrappedError` if ``model`` or a part of it belongs to a model
+    wrapped now: the model itself, a module inside it (a parent of a wrapped model), or
+    a parameter of a wrapped model (a child of one, a module sharing its parameters).
+    Wrapping it would convert that model's parameters under it.
+
+    Found from the wrapped models' current parameters, so parameters swapped in after
+    ``wrap`` count too, and an unwrapped model's do not.
+    """
+    if is_wrapped(model):
+        raise AlreadyWrappedError(
+            "This model is already wrapped by mixprec; call mixprec.unwrap(model) first "
+            "to wrap it in another mode."
+        )
+    for name, sub in model.named_modules():
+        if sub is not model and is_wrapped(sub):
+            raise AlreadyWrappedError(
+                f"Module {name!r} inside this model is wrapped by mixprec already; wrap the "
+                "whole model once, after mixprec.unwrap() of that part."
+            )
+    owners = {id(p): (inner, n) for inner in list(_WRAPPED)
+              for n, p in inner.named_parameters(remove_duplicate=False)}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in owners:
+            inner, theirs = owners[id(p)]
+            raise AlreadyWrappedError(
+                f"Parameter {name!r} of this model is {theirs!r} of a "
+                f"{type(inner).__name__} wrapped by mixprec now, whose weights a second wrap "
+                "would convert under it; wrap the whole model once, or call mixprec.unwrap() "
+                "on the wrapped one first."
+            )

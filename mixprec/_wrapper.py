@@ -13,7 +13,7 @@ from . import _checkpoint
 from ._convert import atomic, convert_module, match_state_dtypes, remap_optimizer, validate_modes
 from ._interface import FSDPPlan, OptimizerMode, PrecisionMode, StepHooks, wide_grads
 from ._master import MasterWeights
-from ._module import _WRAPPED, WrappedModule, is_wrapped
+from ._module import _WRAPPED, WrappedModule, check_not_wrapped
 from ._optimizer import WrappedOptimizer
 from ._options import check_bool, check_number
 from ._registry import registry
@@ -169,11 +169,7 @@ class PrecisionWrapper:
     def _validate(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         if not isinstance(model, torch.nn.Module):
             raise WrapError(f"wrap() needs a torch.nn.Module, got {type(model).__name__}.")
-        if is_wrapped(model):
-            raise AlreadyWrappedError(
-                "This model is already wrapped by mixprec; call mixprec.unwrap(model) first "
-                "to wrap it in another mode."
-            )
+        check_not_wrapped(model)  # nor a part of a wrapped model
         if self.module is not None:
             raise AlreadyWrappedError(
                 "This PrecisionWrapper already wraps a model; create a new one for another model."

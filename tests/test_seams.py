@@ -369,3 +369,46 @@ def test_a_16_mixed_and_a_bf16_true_model_train_together_in_two_threads():
     got = {mode: (_joined(*threads[mode]), runs[mode][0].created) for mode in runs}
     assert got == want
     assert torch.get_default_dtype() is torch.float32
+
+
+# -- a part of a wrapped model cannot be wrapped again ------------------------------------------
+
+
+def _parts(model: TinyNet, wrapped: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    sharing = torch.nn.Linear(16, 32)
+    sharing.weight = model.fc1.weight
+    return {
+        "child": model.fc1,
+        "parent of the plain model": torch.nn.Sequential(model, torch.nn.Linear(32, 2)),
+        "parent of the wrapped model": torch.nn.Sequential(wrapped, torch.nn.Linear(32, 2)),
+        "a module sharing a parameter": sharing,
+    }
+
+
+@pytest.mark.parametrize("part", ["child", "parent of the plain model",
+                                  "parent of the wrapped model", "a module sharing a parameter"])
+def test_wrapping_a_part_of_a_wrapped_model_is_refused_and_changes_nothing(part):
+    model = _tiny()
+    wrapped, opt = mixprec.wrap(model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                "bf16-true")
+    other = _parts(model, wrapped)[part]
+    before = {n: (p.dtype, p.detach().clone()) for n, p in other.named_parameters()}
+    with pytest.raises(mixprec.exceptions.AlreadyWrappedError, match="mixprec.unwrap"):
+        mixprec.wrap(other, torch.optim.SGD(other.parameters(), lr=0.1), "16-true")
+    assert {n: p.dtype for n, p in other.named_parameters()} == {
+        n: d for n, (d, _) in before.items()}
+    for n, p in other.named_parameters():
+        assert torch.equal(p, before[n][1]), n
+    reference = _tiny()  # the first model trains on as if nothing had been tried
+    reference, ref_opt = mixprec.wrap(
+        reference, torch.optim.AdamW(reference.parameters(), lr=1e-2), "bf16-true")
+    assert train(wrapped, opt, steps=3) == train(reference, ref_opt, steps=3)
+    assert all(p.dtype is torch.bfloat16 for p in wrapped.parameters())
+
+
+def test_a_part_of_an_unwrapped_model_can_be_wrapped():
+    model = _tiny()
+    wrapped = mixprec.wrap(model, mode="bf16-true")
+    mixprec.unwrap(wrapped)
+    child = mixprec.wrap(model.fc1, mode="16-true")
+    assert child.weight.dtype is torch.float16
