@@ -18,7 +18,14 @@ import torch
 
 import mixprec
 from mixprec.exceptions import ModeOptionError, UnsupportedDeviceError, WrapError
-from mixprec.utils import cast_floating, device_of, normalize_patterns, parse_dtype, warn_user
+from mixprec.utils import (
+    cast_floating,
+    check_bool,
+    device_of,
+    normalize_patterns,
+    parse_dtype,
+    warn_user,
+)
 
 from ._deps import import_torchao
 from ._select import ROOT, Fp8Plan, ModuleFilter, display_name, plan_fp8_layers, unmatched_patterns
@@ -121,15 +128,16 @@ class Float8Training(mixprec.PrecisionMode):
         self.autocast_dtype = _autocast_option(autocast)
         self._param_dtype = parse_dtype(param_dtype, (torch.float32, torch.bfloat16),
                                         option="param_dtype")
+        master_weights = check_bool(master_weights, "master_weights")
         if master_weights and self._param_dtype is torch.float32:
             raise ModeOptionError(
                 "master_weights=True needs param_dtype='bf16'; with fp32 parameters the "
                 "optimizer already steps full-precision weights."
             )
-        self.master_weights = bool(master_weights)
-        self.emulate = bool(emulate)
-        self.pad_inner_dim = bool(pad_inner_dim)
-        self.keep_output_dtype = bool(keep_output_dtype)
+        self.master_weights = master_weights
+        self.emulate = check_bool(emulate, "emulate")
+        self.pad_inner_dim = check_bool(pad_inner_dim, "pad_inner_dim")
+        self.keep_output_dtype = check_bool(keep_output_dtype, "keep_output_dtype")
 
         float8 = import_torchao("float8", mode=self.name)
         config = float8.Float8LinearConfig.from_recipe_name(recipe)

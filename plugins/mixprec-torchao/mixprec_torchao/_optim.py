@@ -17,6 +17,7 @@ import torch
 
 import mixprec
 from mixprec.exceptions import CheckpointError, ModeOptionError, WrapError
+from mixprec.utils import check_bool, check_number
 
 from ._deps import import_torchao
 
@@ -73,12 +74,9 @@ class LowBitAdamW(mixprec.OptimizerMode):
         # FSDP2: torchao's 8-bit state steps DTensor shards (tested with two ranks); the
         # 4-bit and fp8 states are not tested there, so they are refused on FSDP2.
         self.fsdp_compatible = self.name == "ao-adamw8bit"
-        if block_size is not None and (isinstance(block_size, bool)
-                                       or not isinstance(block_size, int) or block_size <= 0):
-            raise ModeOptionError(
-                f"block_size must be a positive int, got {block_size!r}; torchao's default "
-                f"for {self.name} is {default_block}."
-            )
+        if block_size is not None:
+            block_size = check_number(block_size, "block_size", minimum=0, above=True,
+                                      integer=True)
         if bits == "4bit" and block_size is not None and block_size % 2:
             raise ModeOptionError(
                 f"block_size must be even for {self.name} (two 4-bit codes share a byte), "
@@ -86,7 +84,7 @@ class LowBitAdamW(mixprec.OptimizerMode):
             )
         self.block_size = default_block if block_size is None else block_size
         self._default_block = default_block
-        self.bf16_stochastic_round = bool(bf16_stochastic_round)
+        self.bf16_stochastic_round = check_bool(bf16_stochastic_round, "bf16_stochastic_round")
         optim = import_torchao("optim", mode=self.name)
         self._base: type[torch.optim.Optimizer] = getattr(optim, class_name)
 

@@ -72,7 +72,7 @@ def test_bad_fp8_options_are_refused(options: dict, message: str) -> None:
 def test_bad_recipe_and_optimizer_options() -> None:
     with pytest.raises(ModeOptionError, match=r"Unknown FP8 recipe 'blockwise'; use one of"):
         mixprec_torchao.Float8Training("blockwise")
-    with pytest.raises(ModeOptionError, match=r"block_size must be a positive int, got 0"):
+    with pytest.raises(ModeOptionError, match=r"Option block_size must be an integer > 0, got 0\."):
         mixprec_torchao.LowBitAdamW("8bit", block_size=0)
     with pytest.raises(ModeOptionError, match=r"block_size must be even for ao-adamw4bit"):
         mixprec_torchao.LowBitAdamW("4bit", block_size=127)
