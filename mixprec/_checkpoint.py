@@ -8,6 +8,20 @@ with ``torch.load(..., weights_only=True)``::
 
     {"format": 1, "mode": "16-mixed", "options": {...}, "scaler": {...} | None,
      "steps": int, "skipped_steps": int, "mode_state": {...}}
+
+An optimizer state dict also holds a copy of its ``"mixprec"`` entry in its first
+param group: torch's own ``Optimizer.load_state_dict`` drops unknown top-level keys
+but keeps a group's, so a state dict loaded into the plain optimizer before ``wrap``
+still carries the loss scale and step counters, and ``wrap`` resumes them
+(:func:`carried_state`). Readers take the top-level entry and drop the copies.
+
+A model wrapped with several optimizers (``wrap(model, [opt_a, opt_b])``) writes
+``{"model": …, "optimizers": [{…, "mixprec": PRECISION}, …], "mixprec": SEVERAL}``:
+each optimizer's state dict as ``opt.state_dict()`` writes it, and ``SEVERAL`` is
+``PRECISION`` in format 2 plus ``"optimizers": int`` and ``"round": {"stepped":
+[bool, …], "found_inf": bool}`` (which optimizers stepped since the shared loss
+scale was last updated). Format 2 makes an older mixprec refuse the checkpoint
+instead of loading only its model.
 """
 
 from __future__ import annotations
@@ -20,12 +34,15 @@ import torch
 
 from .exceptions import CheckpointError
 
-__all__ = ["FORMAT", "KEY", "check_mode", "check_module_state", "check_optimizer_state",
-           "check_precision_state", "find_precision_state", "precision_state",
-           "split_optimizer_state"]
+__all__ = ["FORMAT", "KEY", "SEVERAL_FORMAT", "carried_state", "check_mode",
+           "check_module_state", "check_optimizer_count", "check_optimizer_state",
+           "check_precision_state", "drop_carried_state", "find_precision_state",
+           "optimizer_state", "precision_state", "several_state", "split_optimizer_state"]
 
-#: version of the format written
+#: version of the format written for a model with one optimizer (or none)
 FORMAT = 1
+#: version of the ``"mixprec"`` entry of a checkpoint of several optimizers (the newest read)
+SEVERAL_FORMAT = 2
 #: where the precision state sits in an optimizer's (or a whole) state dict
 KEY = "mixprec"
 
@@ -46,10 +63,91 @@ def precision_state(
     }
 
 
+def several_state(entry: Mapping[str, Any], *, stepped: list[bool], found_inf: bool) -> dict[str, Any]:
+    """The ``"mixprec"`` entry of a checkpoint of several optimizers: ``entry`` (a
+    :func:`precision_state`) in format 2, with the optimizers' number and the open round."""
+    return {**entry, "format": SEVERAL_FORMAT, "optimizers": len(stepped),
+            "round": {"stepped": list(stepped), "found_inf": bool(found_inf)}}
+
+
+def check_optimizer_count(checkpoint: Mapping[str, Any], count: int) -> None:
+    """Raise :class:`CheckpointError` unless the whole ``checkpoint`` holds the state of
+    ``count`` optimizers: one ``"optimizer"`` entry for ``count == 1``, else an
+    ``"optimizers"`` list of ``count`` and a format-2 ``"mixprec"`` entry with its round."""
+    several = checkpoint.get("optimizers")
+    if count == 1:
+        if several is not None:
+            n = len(several) if isinstance(several, list) else "several"
+            raise CheckpointError(
+                f"The checkpoint holds the state of {n} optimizers but this model was wrapped "
+                "with one; wrap it with as many, mixprec.wrap(model, [opt_a, opt_b, ...], "
+                "mode), to resume it, or load only the weights with model.load_state_dict()."
+            )
+        return
+    if several is None:
+        what = "one optimizer" if "optimizer" in checkpoint else "no optimizer"
+        raise CheckpointError(
+            f"The checkpoint holds the state of {what} but this model was wrapped with "
+            f"{count}; resume it with the wrap that saved it, or load only the weights with "
+            "model.load_state_dict()."
+        )
+    if not isinstance(several, list) or not all(isinstance(o, Mapping) for o in several):
+        raise _fail("'optimizers' must be a list of optimizer state dicts", "optimizers")
+    if len(several) != count:
+        raise CheckpointError(
+            f"The checkpoint holds the state of {len(several)} optimizers but this model was "
+            f"wrapped with {count}; wrap it with the same optimizers, in the same order, to "
+            "resume it."
+        )
+    entry = checkpoint.get(KEY)
+    if not isinstance(entry, Mapping) or entry.get("optimizers") != count:
+        raise _fail(f"the {KEY!r} entry does not say {count} optimizers", KEY)
+    round_ = entry.get("round")
+    round_ = round_ if isinstance(round_, Mapping) else {}
+    stepped = round_.get("stepped")
+    if (not isinstance(stepped, list) or len(stepped) != count
+            or not all(isinstance(s, bool) for s in stepped)
+            or not isinstance(round_.get("found_inf"), bool)):
+        raise _fail(f"'round' must hold 'stepped' ({count} booleans) and 'found_inf' "
+                    "(a boolean)", f"{KEY}.round")
+
+
+def optimizer_state(inner: Mapping[str, Any], entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The optimizer state dict a wrapped optimizer writes: the inner optimizer's ``inner``
+    with ``entry`` (a :func:`precision_state`) at the top and copied into the first param
+    group, which survives a load into the plain torch optimizer."""
+    state = dict(inner)
+    state[KEY] = entry
+    groups = state.get("param_groups")
+    if isinstance(groups, list) and groups and isinstance(groups[0], Mapping):
+        state["param_groups"] = [{**groups[0], KEY: entry}, *groups[1:]]
+    return state
+
+
 def split_optimizer_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
-    """An optimizer state dict without its ``"mixprec"`` entry, and that entry (or None)."""
+    """An optimizer state dict without its ``"mixprec"`` entry (nor the copies in its
+    param groups), and that entry (or None): the top-level one, else a group's copy."""
     inner = dict(state)
-    return inner, inner.pop(KEY, None)
+    entry = inner.pop(KEY, None)
+    groups = inner.get("param_groups")
+    if isinstance(groups, list) and any(isinstance(g, Mapping) and KEY in g for g in groups):
+        copies = [g[KEY] for g in groups if isinstance(g, Mapping) and KEY in g]
+        entry = copies[0] if entry is None else entry
+        inner["param_groups"] = [{k: v for k, v in g.items() if k != KEY}
+                                 if isinstance(g, Mapping) else g for g in groups]
+    return inner, entry
+
+
+def carried_state(optimizer: torch.optim.Optimizer) -> Any:
+    """The ``"mixprec"`` entry a mixprec optimizer state dict loaded into the plain
+    ``optimizer`` left in its param groups (torch keeps group keys), or None."""
+    return next((g[KEY] for g in optimizer.param_groups if KEY in g), None)
+
+
+def drop_carried_state(optimizer: torch.optim.Optimizer | None) -> None:
+    """Remove what :func:`carried_state` found from ``optimizer``'s param groups."""
+    for group in [] if optimizer is None else optimizer.param_groups:
+        group.pop(KEY, None)
 
 
 def find_precision_state(checkpoint: Mapping[str, Any]) -> Any:
@@ -121,10 +219,10 @@ def check_precision_state(
     version = state.get("format")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise _fail(f"unknown checkpoint format {version!r}", f"{KEY}.format")
-    if version > FORMAT:
+    if version > SEVERAL_FORMAT:
         raise CheckpointError(
             f"The checkpoint was written in format {version} by a newer mixprec; this "
-            f"mixprec reads format {FORMAT} and older: upgrade mixprec to load it."
+            f"mixprec reads format {SEVERAL_FORMAT} and older: upgrade mixprec to load it."
         )
     saved = state.get("options", {})
     if not isinstance(saved, Mapping):

@@ -264,7 +264,8 @@ def set_state_dict(
 
 
 def _check_optimizer(precision: PrecisionWrapper, optimizer: torch.optim.Optimizer | None) -> None:
-    if optimizer is not None and optimizer is not precision.optimizer:
+    # Several optimizers (DDP only): the full checkpoint holds them all, pass any of them.
+    if optimizer is not None and not any(optimizer is o for o in precision.optimizers):
         raise CheckpointError("The optimizer is not the one wrapped with this model; pass the "
                               "optimizer mixprec.wrap() returned with it.")
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from ._tensors import check_fits
+from .exceptions import WrapError
 
-__all__ = ["MasterWeights"]
+__all__ = ["MasterSet", "MasterWeights"]
 
 
 class MasterWeights:
@@ -22,7 +23,7 @@ class MasterWeights:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []
+        self._pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []
         self._optimizer = optimizer
         #: each model parameter's (version counter, storage) when the masters last
         #: matched it: a change means other code wrote the parameter.
@@ -33,6 +34,11 @@ class MasterWeights:
             # In place: optimizers that keep the list (L-BFGS's _params) see the masters.
             group["params"][:] = self._masters_for(group["params"])
         self.mark_synced()
+
+    @property
+    def pairs(self) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+        """(model parameter, its fp32 master) for every low-precision parameter."""
+        return self._pairs
 
     def _masters_for(self, params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
         out = []
@@ -181,3 +187,42 @@ class MasterWeights:
         """Give the model parameters the fp32 master values (for unwrap)."""
         for p, m in self.pairs:
             p.data = m.detach()
+
+
+class MasterSet(MasterWeights):
+    """The masters of several optimizers wrapped with one model, seen as one.
+
+    The model's side (its state dict, loads into it, ``unwrap``) sees every master;
+    each optimizer steps, unscales and diagnoses its own :class:`MasterWeights`
+    (``wrap(model, [opt_a, opt_b])``, see ``_optimizers.py``).
+    """
+
+    def __init__(self, parts: Sequence[MasterWeights]) -> None:
+        # Deliberately no super().__init__: every piece of state is the parts'.
+        self.parts = list(parts)
+
+    @property
+    def pairs(self) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+        return [pair for part in self.parts for pair in part.pairs]
+
+    def add_group(self, group: dict[str, Any]) -> dict[str, Any]:
+        raise WrapError("The masters of several optimizers take new groups through one "
+                        "optimizer: call opt.add_param_group() on the optimizer that steps them.")
+
+    def mark_synced(self) -> None:
+        for part in self.parts:
+            part.mark_synced()
+
+    def refresh_stale(self) -> int:
+        return sum(part.refresh_stale() for part in self.parts)
+
+    def expose_grads(self) -> None:
+        for part in self.parts:
+            part.expose_grads()
+
+    def take_grad_edits(self) -> int:
+        return sum(part.take_grad_edits() for part in self.parts)
+
+    def drop_exposed_grads(self) -> None:
+        for part in self.parts:
+            part.drop_exposed_grads()

@@ -15,6 +15,7 @@ from ._interface import FSDPPlan, OptimizerMode, PrecisionMode, StepHooks, wide_
 from ._master import MasterWeights
 from ._module import _WRAPPED, WrappedModule, check_not_wrapped
 from ._optimizer import WrappedOptimizer
+from ._optimizers import OptimizerSet, wrap_several
 from ._options import check_bool, check_number
 from ._registry import registry
 from ._scaler import (
@@ -41,6 +42,8 @@ __all__ = ["PrecisionWrapper", "init_module", "unwrap", "wrap"]
 logger = logging.getLogger("mixprec")
 
 ModeLike = str | PrecisionMode | OptimizerMode | Sequence[str | PrecisionMode | OptimizerMode]
+#: what ``wrap`` takes as its optimizer: one, several (a list or tuple), or none
+OptimizerLike = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
 
 
 class PrecisionWrapper:
@@ -73,6 +76,11 @@ class PrecisionWrapper:
         self.scaler = self.precision_mode.create_scaler()
         self.module: WrappedModule | None = None
         self.optimizer: WrappedOptimizer | None = None
+        #: every optimizer wrapped with the model (``wrap(model, [opt_a, opt_b])``: the
+        #: model's wrapper has no ``optimizer``; each optimizer's wrapper is in
+        #: ``opt.precision``, sharing one OptimizerSet: see ``_optimizers.py``)
+        self.optimizers: tuple[WrappedOptimizer, ...] = ()
+        self._several: OptimizerSet | None = None
         self.masters: MasterWeights | None = None
         self.summary_lines: list[str] = []
         #: steps taken and steps skipped because of inf/NaN gradients
@@ -137,11 +145,22 @@ class PrecisionWrapper:
     def wrap(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     ) -> tuple[WrappedModule, WrappedOptimizer]: ...
+    @overload
+    def wrap(
+        self, model: torch.nn.Module, optimizer: Sequence[torch.optim.Optimizer]
+    ) -> tuple[WrappedModule, tuple[WrappedOptimizer, ...]]: ...
 
     def wrap(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
-    ) -> WrappedModule | tuple[WrappedModule, WrappedOptimizer]:
-        """Apply the mode to ``model`` (and ``optimizer``); atomic: on error nothing changed."""
+        self, model: torch.nn.Module, optimizer: OptimizerLike = None
+    ) -> WrappedModule | tuple[WrappedModule, WrappedOptimizer | tuple[WrappedOptimizer, ...]]:
+        """Apply the mode to ``model`` (and ``optimizer``); atomic: on error nothing changed.
+
+        A list or tuple of optimizers gives a tuple of wrapped optimizers sharing one
+        loss scale and checkpoint (rules in ``_optimizers.py`` and the README's
+        "Several optimizers"); a list of one is the one-optimizer wrap.
+        """
+        if isinstance(optimizer, (list, tuple)):
+            return wrap_several(self, model, optimizer, PrecisionWrapper)
         self._validate(model, optimizer)
         # torch.distributed: refuses wrap(DDP(model)); a model sharded by
         # mixprec.distributed.fully_shard runs the mode object that converted it, by its plan.
@@ -159,6 +178,7 @@ class PrecisionWrapper:
         self.module = WrappedModule(model, self)
         if inner_opt is not None:
             self.optimizer = WrappedOptimizer(inner_opt, self)
+            self.optimizers = (self.optimizer,)
         if self.monitor is not None:
             self.monitor.attach(self)
         logger.info("mixprec: wrapped with %s\n%s", self.mode_name, self.summary)
@@ -194,16 +214,33 @@ class PrecisionWrapper:
     def _convert(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     ) -> torch.optim.Optimizer | None:
+        lines, names_before = self._convert_module(model)
+        if optimizer is not None:
+            optimizer, more = self._convert_optimizer(model, optimizer, names_before)
+            lines += more
+            if self.scaler is not None:
+                lines.append(f"dynamic loss scaling: {self.scaler.scale:g} initial, "
+                             f"{self.scaler.config()}")
+        self.summary_lines = lines
+        return optimizer
+
+    def _convert_module(self, model: torch.nn.Module) -> tuple[list[str], dict[int, list[str]]]:
+        """Convert the model; return the summary lines and the parameters' names before."""
         if self.fsdp_plan is None:
             lines, names_before = convert_module(self.precision_mode, model)
         else:  # converted and sharded by mixprec.distributed.fully_shard
             lines, names_before = list(self._shard_lines), {}
-        names_after = dict(model.named_parameters(remove_duplicate=False))
         self._names = {id(p): n for n, p in model.named_parameters()}
-        if optimizer is None:
-            self.summary_lines = lines
-            return None
-        lines += remap_optimizer(optimizer, names_before, names_after)
+        return lines, names_before
+
+    def _convert_optimizer(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+        names_before: dict[int, list[str]],
+    ) -> tuple[torch.optim.Optimizer, list[str]]:
+        """Point ``optimizer`` at the converted model, make its masters, run the optimizer
+        modes; return the optimizer to step and the summary lines."""
+        names_after = dict(model.named_parameters(remove_duplicate=False))
+        lines = remap_optimizer(optimizer, names_before, names_after)
         # Under FSDP2 the sharded parameters are what the optimizer steps (the plan's
         # storage dtype): no second copy.
         if self.precision_mode.master_weights and self.fsdp_plan is None:
@@ -218,10 +255,7 @@ class PrecisionWrapper:
         for om in self.optimizer_modes:
             optimizer, more = om.convert_optimizer(optimizer, model, param_names)
             lines += [f"optimizer mode: {om.describe()}", *more]
-        if self.scaler is not None:
-            lines.append(f"dynamic loss scaling: {self.scaler.scale:g} initial, {self.scaler.config()}")
-        self.summary_lines = lines
-        return optimizer
+        return optimizer, lines
 
     def add_param_group(self, group: dict[str, Any]) -> None:
         """Add a param group of the model's parameters (masters are made for it).
@@ -253,6 +287,8 @@ class PrecisionWrapper:
                 f"({', '.join(again) or 'the same parameter twice'}); a parameter can be in "
                 "one group only."
             )
+        if self._several is not None:
+            self._several.check_new_params(self, params)
         if self.masters is not None:
             group = self.masters.add_group(group)
             for model_param, master in self.masters.pairs:
@@ -269,6 +305,9 @@ class PrecisionWrapper:
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         """Backward with the current loss scale; in master-weight modes the
         gradients are then added to the fp32 masters' gradients."""
+        if self._several is not None:  # several optimizers: for all of them at once
+            self._several.backward(self, loss, *args, **kwargs)
+            return
         if self.scaler is not None:
             loss = loss * self.scaler.scale
         if self.masters is not None:
@@ -424,7 +463,9 @@ class PrecisionWrapper:
         self.steps += 1
         if not found_inf:
             self.skip_streak = 0
-        if self.scaler is not None:
+        if self._several is not None:  # the shared scale is updated once per round
+            self._several.stepped_once(self, found_inf)
+        elif self.scaler is not None:
             self.scaler.update(found_inf)
         self._backward_calls = 0
         self._unscaled = False
@@ -575,7 +616,10 @@ class PrecisionWrapper:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything to resume exactly: model (fp32 masters where they exist),
-        optimizer, scaler, mode and options. Loads with ``weights_only=True``."""
+        optimizer, scaler, mode and options. Loads with ``weights_only=True``. With
+        several optimizers: every optimizer's state and the shared scaler."""
+        if self._several is not None:
+            return self._several.state_dict()
         assert self.module is not None
         out: dict[str, Any] = {"model": self.module.state_dict()}
         if self.optimizer is not None:
@@ -591,12 +635,17 @@ class PrecisionWrapper:
         and shapes, optimizer groups and state shapes) is validated before anything
         changes; any problem is a :class:`CheckpointError` saying what and where.
         """
+        if self._several is not None:
+            self._several.load_state_dict(state, strict)
+            return
         assert self.module is not None
         if not isinstance(state, Mapping) or "model" not in state:
             raise CheckpointError(
                 "This is not a mixprec checkpoint (no 'model' entry); load model and optimizer "
                 "state dicts separately with model.load_state_dict() / opt.load_state_dict()."
             )
+        if self.optimizer is not None:
+            _checkpoint.check_optimizer_count(state, 1)
         extra = _checkpoint.find_precision_state(state)
         if extra is not None:
             self.check_precision_state(extra)
@@ -623,16 +672,25 @@ def wrap(model: torch.nn.Module, optimizer: None = None, mode: ModeLike = ..., *
 def wrap(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, mode: ModeLike = ..., **options: Any
 ) -> tuple[WrappedModule, WrappedOptimizer]: ...
+@overload
+def wrap(
+    model: torch.nn.Module, optimizer: Sequence[torch.optim.Optimizer], mode: ModeLike = ...,
+    **options: Any,
+) -> tuple[WrappedModule, tuple[WrappedOptimizer, ...]]: ...
 
 
 def wrap(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+    model: torch.nn.Module, optimizer: OptimizerLike = None,
     mode: ModeLike = "32-true", **options: Any,
-) -> WrappedModule | tuple[WrappedModule, WrappedOptimizer]:
+) -> WrappedModule | tuple[WrappedModule, WrappedOptimizer | tuple[WrappedOptimizer, ...]]:
     """Run ``model`` (and ``optimizer``) in ``mode``.
 
     Returns ``(model, optimizer)`` — or the model alone when no optimizer is
-    given — sharing one :class:`PrecisionWrapper`. Keyword ``options`` go to the
+    given — sharing one :class:`PrecisionWrapper`. With a list or tuple of
+    optimizers (a GAN's generator and discriminator) it returns ``(model,
+    (opt_a, opt_b, ...))``: one loss scale for all, each optimizer's step skipped
+    on its own inf/NaN gradients, the scale updated once all have stepped (the
+    rules: README, "Several optimizers"). Keyword ``options`` go to the
     :class:`PrecisionWrapper` and the named precision mode
     (``wrap(model, opt, "bf16-true", master_weights=True)``). Atomic: if it raises,
     model and optimizer are exactly as before.
