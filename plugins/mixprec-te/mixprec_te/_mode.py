@@ -14,6 +14,7 @@ from mixprec.exceptions import CheckpointError, ModeOptionError
 from mixprec.utils import (
     build_context,
     cast_floating,
+    check_bool,
     default_dtype,
     device_of,
     dtype_name,
@@ -104,14 +105,14 @@ class TransformerEngineMode(mixprec.PrecisionMode):
                 f"{type(recipe).__name__}; for example {{'fp8_format': 'HYBRID', "
                 "'amax_history_len': 16, 'amax_compute_algo': 'max'}."
             )
-        if not isinstance(replace_layers, bool):
-            raise ModeOptionError(f"replace_layers must be True or False, got {replace_layers!r}.")
-        self.replace_layers = replace_layers
+        self.replace_layers = check_bool(replace_layers, "replace_layers")
         patterns = (ignore_modules,) if isinstance(ignore_modules, str) else tuple(ignore_modules)
         normalize_patterns(patterns, "ignore_modules")  # checks each entry
         # Kept in the order given (not normalize_patterns' sorted one): options() goes into
         # checkpoints, and those of mixprec-te 0.1 must still resume.
         self.ignore_modules = patterns
+        if master_weights is not None:
+            master_weights = check_bool(master_weights, "master_weights")
         if master_weights is False and fp16:
             raise ModeOptionError(
                 f"{self.name} needs master_weights (fp32 copies for the optimizer): torch's "
@@ -121,7 +122,7 @@ class TransformerEngineMode(mixprec.PrecisionMode):
         self.master_weights = bool(fp16 if master_weights is None else master_weights)
         self._master_default = master_weights is None
         self.needs_scaling = fp16
-        self.keep_output_dtype = bool(keep_output_dtype)
+        self.keep_output_dtype = check_bool(keep_output_dtype, "keep_output_dtype")
         unknown = sorted(set(scaler_options) - set(_SCALER_KEYS))
         if unknown:
             raise ModeOptionError(

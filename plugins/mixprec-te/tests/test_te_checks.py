@@ -138,7 +138,7 @@ def test_init_module_without_te(no_te):
     ({"weights_dtype": "fp16", "init_scal": 1.0}, "does not take option(s) 'init_scal'"),
     ({"weights_dtype": "fp16", "backoff_factor": 2.0}, "backoff_factor must be in (0, 1)"),
     ({"ignore_modules": ["head", 3]}, "ignore_modules takes dotted module names or globs such as 'lm_head' or 'blocks.*.attn'; got 3."),
-    ({"replace_layers": "yes"}, "replace_layers must be True or False, got 'yes'."),
+    ({"replace_layers": "yes"}, "Option replace_layers takes True or False, got 'yes'; pass a bool"),
 ])
 def test_bad_mode_options(kwargs, message):
     with pytest.raises(ModeOptionError) as info:
