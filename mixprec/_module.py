@@ -5,18 +5,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .exceptions import AlreadyWrappedError
+from ._tensors import compiled_module_class
+from .exceptions import AlreadyWrappedError, WrapError
 
 if TYPE_CHECKING:
     from ._interface import PrecisionMode
     from ._wrapper import PrecisionWrapper
 
-__all__ = ["WrappedModule", "check_not_wrapped", "is_wrapped"]
+__all__ = ["WrappedModule", "check_forward_methods", "check_not_wrapped", "is_wrapped",
+           "split_compiled"]
 
 #: Inner modules currently wrapped (weak: a deleted model leaves the set).
 _WRAPPED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
@@ -27,6 +29,46 @@ def is_wrapped(module: torch.nn.Module) -> bool:
     return isinstance(module, WrappedModule) or module in _WRAPPED
 
 
+def split_compiled(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """``(plain module, compiled module)`` for ``wrap(torch.compile(model))``, else
+    ``(model, None)``.
+
+    ``torch.compile(model)`` returns torch's ``OptimizedModule``, which holds the model
+    as its child ``_orig_mod``: wrapped as it is, every parameter and state-dict key
+    would be named ``_orig_mod.…``. ``wrap`` converts and wraps the plain module inside
+    instead (names, keys and ``ignore_modules`` as in eager) and the wrapped forward
+    calls the compiled one. A compiled *wrapped* module is left as it is (``wrap``
+    refuses it).
+    """
+    cls = compiled_module_class()
+    if cls is None or not isinstance(model, cls):
+        return model, None
+    inner = model
+    while isinstance(inner, cls):  # torch.compile(torch.compile(model))
+        inner = inner._orig_mod
+    if is_wrapped(inner):
+        return model, None
+    return inner, model
+
+
+def check_forward_methods(model: torch.nn.Module, names: Iterable[str] | None) -> None:
+    """Raise :class:`WrapError` unless every name is a method of ``model`` that
+    :meth:`WrappedModule.mark_forward_method` can take (before ``wrap`` changes anything)."""
+    for name in names or ():
+        if not isinstance(name, str):
+            raise WrapError(f"forward_methods takes method names (str), got {name!r}.")
+        if name == "forward" or hasattr(WrappedModule, name):
+            raise WrapError(
+                f"{name!r} is a method of every wrapped module, which mixprec runs itself; "
+                "name a method of your own model instead."
+            )
+        if not callable(getattr(model, name, None)):
+            raise WrapError(
+                f"The model has no method {name!r} to run under the mode; check the name "
+                f"({type(model).__name__} has no such method)."
+            )
+
+
 class WrappedModule(torch.nn.Module):
     """Runs the inner module's forward under the precision mode.
 
@@ -34,18 +76,35 @@ class WrappedModule(torch.nn.Module):
     ``parameters()``, ``named_parameters()``, ``modules()``, ``state_dict()`` and
     ``load_state_dict()`` use the inner module's names (no ``_module.`` prefix).
     The state dict holds fp32 master values where the mode keeps them.
+
+    Methods named in ``forward_methods`` (``generate`` by default, where the inner
+    module has it) run under the mode as the forward does; see
+    :meth:`mark_forward_method`.
     """
 
     _module: torch.nn.Module
+    #: wrap(torch.compile(model)): the compiled module the forward calls, else None
+    _compiled: torch.nn.Module | None
 
     def __init__(self, module: torch.nn.Module, precision: PrecisionWrapper) -> None:
         super().__init__()
         self._module = module
+        # wrap(torch.compile(model)) (see split_compiled): not a child, as it holds
+        # ``module`` as its own child, whose state would be listed twice.
+        pair = getattr(precision, "_compiled", None)
+        compiled = pair[1] if pair is not None and pair[0] is module else None
+        object.__setattr__(self, "_compiled", compiled)
         self._mode: PrecisionMode = precision.precision_mode
         self._precision: PrecisionWrapper | None = precision
         # FSDP2 plans of mixed modes cast through MixedPrecisionPolicy: no second autocast
         plan = precision.fsdp_plan
         self._forward_context = plan is None or plan.forward_context
+        self._forward_methods: frozenset[str] = frozenset()
+        methods = getattr(precision, "forward_methods", None)
+        if methods is None:  # the default: generate, where the model has one
+            methods = ("generate",) if callable(getattr(module, "generate", None)) else ()
+        for name in methods:
+            self.mark_forward_method(name)  # checked by check_forward_methods before wrap
         # Nested in another module (peft's PeftModel), torch loads our part of a state
         # dict through its own recursion, which expects the ``_module.`` prefix that our
         # state_dict() never writes: route the keys to the inner module.
@@ -67,13 +126,37 @@ class WrappedModule(torch.nn.Module):
         return self._precision
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        mode = self._mode
         if self._precision is not None:  # DDP: will this forward's backward all-reduce?
             self._precision._dist.note_forward()
+        inner = self._compiled if self._compiled is not None else self.module
+        return self._run_under_mode(inner, args, kwargs)
+
+    def _run_under_mode(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                        kwargs: dict[str, Any]) -> Any:
+        """``fn(*args, **kwargs)`` as the forward runs: inputs converted, in the mode's
+        forward context, output converted."""
+        mode = self._mode
         args, kwargs = mode.convert_input((args, kwargs))
         with mode.forward_context() if self._forward_context else contextlib.nullcontext():
-            output = self.module(*args, **kwargs)
+            output = fn(*args, **kwargs)
         return mode.convert_output(output)
+
+    # -- methods beyond forward ------------------------------------------------
+
+    @property
+    def forward_methods(self) -> frozenset[str]:
+        """The inner module's methods that run under the mode (``generate``, …)."""
+        return self._forward_methods
+
+    def mark_forward_method(self, name: str) -> None:
+        """Run the inner module's method ``name`` under the mode from now on, as the
+        forward runs: its arguments converted, the mode's forward context (autocast,
+        the default dtype), its result converted. Without this, ``model.name(...)``
+        runs the inner method as it is (fp32 and no autocast in the mixed modes), and
+        what it calls of the model inside (``self(...)`` in ``generate``) does too.
+        """
+        check_forward_methods(self.module, [name])
+        self._forward_methods = self._forward_methods | {name}
 
     def __setattr__(self, name: str, value: Any) -> None:
         # A module assigned over one of the inner module's children (peft swapping
@@ -105,9 +188,18 @@ class WrappedModule(torch.nn.Module):
             if "_module" not in modules:
                 raise
             attr = getattr(modules["_module"], name)
+            if name in self.__dict__.get("_forward_methods", ()) and callable(attr):
+                return self._method_under_mode(attr)
             if name == "save_pretrained" and callable(attr):
                 return self._saving_state_dict(attr)
             return attr
+
+    def _method_under_mode(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def under_mode(*args: Any, **kwargs: Any) -> Any:
+            return self._run_under_mode(method, args, kwargs)
+
+        return under_mode
 
     def _saving_state_dict(self, save: Any) -> Any:
         """``save_pretrained`` (transformers, peft) reads the inner module's own state
@@ -159,6 +251,8 @@ class WrappedModule(torch.nn.Module):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_compiled", None)  # copies made before these existed
+        state.setdefault("_forward_methods", frozenset())
         super().__setstate__(state)
         _WRAPPED.add(self.module)
 

@@ -18,6 +18,7 @@ __all__ = [
     "apply_to_float_tensors",
     "cast_floating",
     "check_fits",
+    "compiled_module_class",
     "ddp_class",
     "device_of",
     "dtensor_class",
@@ -79,6 +80,13 @@ def dtensor_class() -> Any:
     """``DTensor`` if ``torch.distributed.tensor`` was imported, else None."""
     module = sys.modules.get("torch.distributed.tensor")
     return getattr(module, "DTensor", None)
+
+
+def compiled_module_class() -> Any:
+    """``OptimizedModule`` (what ``torch.compile(module)`` returns) if torch's dynamo was
+    imported, else None (nothing can have been compiled)."""
+    module = sys.modules.get("torch._dynamo.eval_frame")
+    return getattr(module, "OptimizedModule", None)
 
 
 def is_fully_sharded(model: torch.nn.Module) -> bool:

@@ -13,7 +13,13 @@ from . import _checkpoint
 from ._convert import atomic, convert_module, match_state_dtypes, remap_optimizer, validate_modes
 from ._interface import FSDPPlan, OptimizerMode, PrecisionMode, StepHooks, wide_grads
 from ._master import MasterWeights
-from ._module import _WRAPPED, WrappedModule, check_not_wrapped
+from ._module import (
+    _WRAPPED,
+    WrappedModule,
+    check_forward_methods,
+    check_not_wrapped,
+    split_compiled,
+)
 from ._optimizer import WrappedOptimizer
 from ._optimizers import OptimizerSet, wrap_several
 from ._options import check_bool, check_number
@@ -58,14 +64,26 @@ class PrecisionWrapper:
         every mode (not only the loss-scaled ones). Costs one read of the gradients.
     :param collapse_patience: after this many skipped steps in a row, warn with a
         diagnosis naming the first parameter whose gradient was not finite.
+    :param forward_methods: names of the model's methods besides ``forward`` that run
+        under the mode (``("generate", "encode")``): inputs converted, the forward
+        context, output converted. Default: ``("generate",)`` where the model has a
+        ``generate`` method (transformers, peft), else none; ``()`` for none.
     :param options: options for the precision mode named by a string
         (``master_weights=True``, ``init_scale=1024``, …).
     """
 
     def __init__(
         self, mode: ModeLike = "32-true", *, skip_nonfinite: bool = True,
-        collapse_patience: int = 50, monitor: StepHooks | None = None, **options: Any,
+        collapse_patience: int = 50, monitor: StepHooks | None = None,
+        forward_methods: Sequence[str] | None = None, **options: Any,
     ) -> None:
+        if isinstance(forward_methods, str):
+            raise WrapError(f"forward_methods takes a list of method names; write "
+                            f"forward_methods=({forward_methods!r},).")
+        #: the model's methods run under the mode (None: generate where the model has it)
+        self.forward_methods = None if forward_methods is None else tuple(forward_methods)
+        #: wrap(torch.compile(model)): (the plain module inside, the compiled module)
+        self._compiled: tuple[torch.nn.Module, torch.nn.Module] | None = None
         self.skip_nonfinite = check_bool(skip_nonfinite, "skip_nonfinite")
         self.collapse_patience = check_number(collapse_patience, "collapse_patience",
                                               minimum=1, integer=True)
@@ -132,6 +150,30 @@ class PrecisionWrapper:
     def __repr__(self) -> str:
         return f"PrecisionWrapper(mode={self.mode_name!r})"
 
+    # -- running the model outside its forward -------------------------------------
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The context the wrapped forward runs in — ``torch.autocast`` in the mixed
+        modes, the default dtype in the true modes, a plugin mode's own (FP8 autocast)
+        — for code that runs the model outside its forward (``with
+        model.precision.autocast(): model.module.encode(x)``). Inputs are not
+        converted in it: see :meth:`convert_input`, or name the method in
+        ``forward_methods`` / ``model.mark_forward_method(name)`` to have both."""
+        plan = self.fsdp_plan
+        if plan is not None and not plan.forward_context:
+            return contextlib.nullcontext()
+        return self.precision_mode.forward_context()
+
+    def convert_input(self, data: Any) -> Any:
+        """``data`` (nested tensors) converted as the wrapped forward converts its
+        arguments (floating-point tensors to the compute dtype in the true modes)."""
+        return self.precision_mode.convert_input(data)
+
+    def convert_output(self, data: Any) -> Any:
+        """``data`` converted as the wrapped forward converts its result (fp32 outputs
+        in the mixed and 16-bit true modes, unless ``keep_output_dtype=True``)."""
+        return self.precision_mode.convert_output(data)
+
     # -- building ----------------------------------------------------------------
 
     def init_module(self, device: torch.device | str | None = None) -> contextlib.AbstractContextManager[None]:
@@ -158,7 +200,15 @@ class PrecisionWrapper:
         A list or tuple of optimizers gives a tuple of wrapped optimizers sharing one
         loss scale and checkpoint (rules in ``_optimizers.py`` and the README's
         "Several optimizers"); a list of one is the one-optimizer wrap.
+
+        A module compiled with ``torch.compile`` is wrapped as the plain module inside
+        it (eager's parameter names and state-dict keys); the wrapped forward calls the
+        compiled one.
         """
+        model, compiled = split_compiled(model)
+        if compiled is not None:
+            self._compiled = (model, compiled)
+        check_forward_methods(model, self.forward_methods)
         if isinstance(optimizer, (list, tuple)):
             return wrap_several(self, model, optimizer, PrecisionWrapper)
         self._validate(model, optimizer)
