@@ -219,12 +219,21 @@ class PrecisionWrapper:
             self.precision_mode, self.fsdp_plan = record.mode, record.plan
             self._shard_lines = record.lines
         validate_modes(model, optimizer, self.precision_mode, self.optimizer_modes)
+        carried = self._carried_state(optimizer)
         try:
             with atomic(model, optimizer):
+                if carried is not None:
+                    _checkpoint.drop_carried_state(optimizer)
                 inner_opt = self._convert(model, optimizer)
         except BaseException:
             self.masters = None
             raise
+        if carried is not None:
+            self.load_precision_state(carried)
+            scale = "" if self.scaler is None else f", loss scale {self.scaler.scale:g}"
+            self.summary_lines.append(
+                f"resumed from the mixprec state loaded into the optimizer before wrap: "
+                f"step {self.steps}, {self.skipped_steps} skipped{scale}")
         self.module = WrappedModule(model, self)
         if inner_opt is not None:
             self.optimizer = WrappedOptimizer(inner_opt, self)
@@ -260,6 +269,24 @@ class PrecisionWrapper:
                 "mixprec converts only the model, so make them part of the model (e.g. an "
                 "nn.Parameter attribute) or give them their own optimizer."
             )
+
+    def _carried_state(self, optimizer: torch.optim.Optimizer | None) -> Any:
+        """The ``"mixprec"`` entry of a mixprec optimizer state dict the user loaded into
+        the plain ``optimizer`` before wrap (torch keeps it in the param groups), checked
+        against this wrapper as any checkpoint is; None if there is none."""
+        carried = None if optimizer is None else _checkpoint.carried_state(optimizer)
+        if carried is None:
+            return None
+        try:
+            self.check_precision_state(carried)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"The optimizer holds state loaded from a mixprec checkpoint before wrap that "
+                f"this wrap cannot resume: {exc} To start with a fresh loss scale and step "
+                "counters instead, remove it first: for g in opt.param_groups: "
+                "g.pop('mixprec', None)."
+            ) from None
+        return carried
 
     def _convert(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
@@ -648,9 +675,8 @@ class PrecisionWrapper:
 
     def _optimizer_state_dict(self) -> dict[str, Any]:
         assert self.optimizer is not None
-        state = self.optimizer.optimizer.state_dict()
-        state[_checkpoint.KEY] = self.precision_state()
-        return state
+        return _checkpoint.optimizer_state(self.optimizer.optimizer.state_dict(),
+                                           self.precision_state())
 
     def _load_optimizer_state_dict(self, state: Mapping[str, Any]) -> None:
         assert self.optimizer is not None

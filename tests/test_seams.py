@@ -4,6 +4,7 @@ models that share parameters, optimizer state loaded before wrap)."""
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Callable
 
@@ -393,7 +394,7 @@ def test_wrapping_a_part_of_a_wrapped_model_is_refused_and_changes_nothing(part)
                                 "bf16-true")
     other = _parts(model, wrapped)[part]
     before = {n: (p.dtype, p.detach().clone()) for n, p in other.named_parameters()}
-    with pytest.raises(mixprec.exceptions.AlreadyWrappedError, match="mixprec.unwrap"):
+    with pytest.raises(mixprec.exceptions.AlreadyWrappedError, match=r"mixprec\.unwrap"):
         mixprec.wrap(other, torch.optim.SGD(other.parameters(), lr=0.1), "16-true")
     assert {n: p.dtype for n, p in other.named_parameters()} == {
         n: d for n, (d, _) in before.items()}
@@ -412,3 +413,78 @@ def test_a_part_of_an_unwrapped_model_can_be_wrapped():
     mixprec.unwrap(wrapped)
     child = mixprec.wrap(model.fc1, mode="16-true")
     assert child.weight.dtype is torch.float16
+
+
+# -- torch.compile of a wrapped model -----------------------------------------------------------
+
+
+def test_unwrap_and_is_wrapped_see_through_torch_compile():
+    model = _tiny()
+    wrapped, opt = mixprec.wrap(model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                "bf16-true", master_weights=True)
+    compiled = torch.compile(wrapped, backend="eager")
+    train(compiled, opt, steps=2)
+    assert mixprec.is_wrapped(compiled)
+    masters = {n: opt.param_groups[0]["params"][i].detach().clone()
+               for i, (n, _) in enumerate(wrapped.named_parameters())}
+    plain = mixprec.unwrap(compiled)
+    assert plain is model and not mixprec.is_wrapped(plain)
+    for n, p in plain.named_parameters():  # the fp32 master values, not the bf16 weights
+        assert p.dtype is torch.float32 and torch.equal(p, masters[n]), n
+
+
+def test_wrapping_a_compiled_wrapped_model_is_refused():
+    model = _tiny()
+    compiled = torch.compile(mixprec.wrap(model, mode="bf16-true"), backend="eager")
+    with pytest.raises(mixprec.exceptions.AlreadyWrappedError,
+                       match="This model is already wrapped"):
+        mixprec.wrap(compiled, mode="16-true")
+    assert all(p.dtype is torch.bfloat16 for p in model.parameters())
+
+
+# -- optimizer state loaded into the plain optimizer before wrap ---------------------------------
+
+
+def _saved_and_loaded(obj: object) -> object:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_optimizer_state_loaded_before_wrap_resumes_the_loss_scale_and_counters():
+    options = {"init_scale": 2.0**18}  # overflows at first: the scale moves before the save
+    model = _tiny()
+    model, opt = mixprec.wrap(model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+                              "16-mixed", **options)
+    train(model, opt, steps=5)
+    scale, steps, skipped = opt.precision.loss_scale, opt.precision.steps, \
+        opt.precision.skipped_steps
+    assert scale < 2.0**18 and 0 < skipped < steps  # some steps were taken, some skipped
+    saved_model, saved_opt = _saved_and_loaded((model.state_dict(), opt.state_dict()))
+    want = train(model, opt, steps=3, start=5)
+
+    fresh = TinyNet()
+    fresh.load_state_dict(saved_model)
+    plain_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    plain_opt.load_state_dict(saved_opt)  # torch's own load, before wrap
+    fresh, fresh_opt = mixprec.wrap(fresh, plain_opt, "16-mixed", **options)
+    assert (fresh_opt.precision.loss_scale, fresh_opt.precision.steps,
+            fresh_opt.precision.skipped_steps) == (scale, steps, skipped)
+    assert all("mixprec" not in g for g in fresh_opt.param_groups)
+    assert train(fresh, fresh_opt, steps=3, start=5) == want
+
+
+def test_optimizer_state_of_another_mode_loaded_before_wrap_is_refused():
+    model = _tiny()
+    model, opt = mixprec.wrap(model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+                              "16-mixed")
+    train(model, opt, steps=2)
+    saved = _saved_and_loaded(opt.state_dict())
+    fresh = _tiny()
+    plain_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    plain_opt.load_state_dict(saved)
+    with pytest.raises(mixprec.exceptions.CheckpointError, match=r"'16-mixed'.*'bf16-true'"):
+        mixprec.wrap(fresh, plain_opt, "bf16-true")
+    assert not mixprec.is_wrapped(fresh)
+    assert all(p.dtype is torch.float32 for p in fresh.parameters())
