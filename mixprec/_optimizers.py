@@ -90,7 +90,7 @@ def wrap_several(
         )
     if is_fully_sharded(model):
         raise WrapError(
-            f"A fully_shard-ed (FSDP2) model is wrapped with one optimizer, but wrap() got "
+            f"mixprec steps a fully_shard-ed (FSDP2) model with one optimizer, but wrap() got "
             f"{len(optimizers)}; give the parameters to one optimizer with several param "
             "groups, or train with DistributedDataParallel."
         )

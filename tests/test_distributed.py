@@ -296,6 +296,68 @@ def checkpoint_ddp(rank: int, world: int, tmp: Path, mode: str,
     return {"expected": expected, "resumed": full_weights(model, opt), "full": full}
 
 
+class BothOptimizers:
+    """Two optimizers wrapped with one model (the body, the head), driven by
+    :func:`run_steps` as one: backward through the first, then each steps. From
+    ``poison_step`` the head's gradient holds inf on ``poison_rank`` (before DDP
+    reduces it: every rank sees it), so only the head's step is skipped."""
+
+    def __init__(self, model: nn.Module, mode: str, options: dict[str, Any],
+                 poison_rank: int | None = None, poison_step: int = 1) -> None:
+        body = [p for n, p in model.named_parameters() if not n.startswith("head.")]
+        pair = [torch.optim.SGD(body, lr=0.2, momentum=0.9),
+                torch.optim.SGD(model.head.parameters(), lr=0.2, momentum=0.9)]
+        self.model, self.opts = mixprec.wrap(model, pair, mode, **options)
+        self.steps = 0
+        def poison(grad: torch.Tensor) -> torch.Tensor:
+            here = poison_rank == -1 or poison_rank == torch.distributed.get_rank()
+            return grad * float("inf") if self.steps == poison_step and here else grad
+
+        if poison_rank is not None:  # -1: in this process (no process group)
+            model.head.weight.register_hook(poison)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.opts[0].backward(loss)
+
+    def step(self) -> None:
+        for opt in self.opts:
+            opt.step()
+        self.steps += 1
+
+    def zero_grad(self) -> None:
+        for opt in self.opts:
+            opt.zero_grad()
+
+
+def ddp_several(rank: int, world: int, tmp: Path, mode: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Two optimizers under DDP, two micro-batches per step (the first under no_sync()),
+    the head's gradient inf at step 1; save after 2 steps, train 2 more, resume the
+    checkpoint in a fresh model and train the same 2 steps."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def fresh(seed: int) -> tuple[nn.Module, BothOptimizers]:
+        both = BothOptimizers(make_model(seed), mode, options, poison_rank=1)
+        return DDP(both.model), both
+
+    ddp, both = fresh(0)
+    run_steps(ddp, both, 2, rank=rank, world=world, accumulate=2, ddp=ddp)
+    if rank == 0:
+        torch.save(mpd.get_state_dict(ddp, both.opts[1], full_state_dict=True), tmp / "ckpt.pt")
+    dist.barrier()
+    losses = run_steps(ddp, both, 2, start=2, rank=rank, world=world, accumulate=2, ddp=ddp)
+    out = {"weights": full_weights(ddp, both.opts[0]), "losses": losses,
+           "scale": both.model.precision.loss_scale,
+           "skipped": [opt.precision.skipped_steps for opt in both.opts]}
+    ddp, both = fresh(1)
+    both.steps = 2  # the poisoned step is behind
+    mpd.set_state_dict(ddp, both.opts[0], torch.load(tmp / "ckpt.pt", weights_only=True),
+                       full_state_dict=True)
+    run_steps(ddp, both, 2, start=2, rank=rank, world=world, accumulate=2, ddp=ddp)
+    out["resumed"] = full_weights(ddp, both.opts[0])
+    return out
+
+
 class NoFsdpMode(mixprec.PrecisionMode):
     """A third-party mode that does not declare FSDP2 support."""
 
@@ -337,6 +399,8 @@ def refusals(rank: int, world: int, tmp: Path) -> dict[str, Any]:
                            for n, p in plain.named_parameters())
     mpd.fully_shard(plain, "bf16-mixed")
     out["other_mode"] = attempt(lambda: mixprec.wrap(plain, _optimizer(plain, "sgd"), "16-mixed"))
+    out["fsdp_several"] = attempt(lambda: mixprec.wrap(
+        plain, [_optimizer(plain.blocks, "sgd"), _optimizer(plain.head, "sgd")], "bf16-mixed"))
     ddp_model, ddp_opt = mixprec.wrap(make_model(0), None, "32-true"), None
     out["ddp_sharded_ckpt"] = attempt(lambda: mpd.get_state_dict(DDP(ddp_model), ddp_opt))
     return out
@@ -473,6 +537,8 @@ def _scenarios() -> list[tuple[str, str, dict[str, Any]]]:
              {"mode": "bf16-true", "options": {"master_weights": True}}),
             ("ckpt-ddp", "checkpoint_ddp",
              {"mode": "bf16-true", "options": {"master_weights": True}}),
+            *((_key("ddp-several", m, o), "ddp_several", {"mode": m, "options": o})
+              for m, o in SEVERAL_MODES),
             ("refusals", "refusals", {})]
     out += [(_key("ddp-seeds", m, o), "ddp_seeds", {"mode": m, "options": o})
             for m, o in SEEDED_MODES]
@@ -547,6 +613,8 @@ def _tol(mode: str, options: dict[str, Any]) -> float:
 
 
 ACC_MODES = [("16-mixed", {}), ("bf16-true", {"master_weights": True})]
+#: two optimizers under DDP (init_scale: no overflow but the one the test makes)
+SEVERAL_MODES = [("16-mixed", {"init_scale": 1024.0}), ("bf16-true", {"master_weights": True})]
 
 
 @pytest.mark.parametrize(("mode", "options"), DDP_MODES, ids=[_key(m, o) for m, o in DDP_MODES])
@@ -573,6 +641,28 @@ def test_ddp_no_sync_accumulation_matches_a_single_process(runs, mode, options):
                          make_model(0).state_dict(), _tol(mode, options))
     for name, value in rank0["weights"].items():
         assert torch.equal(value, rank1["weights"][name]), f"replicas differ in {name}"
+
+
+@pytest.mark.parametrize(("mode", "options"), SEVERAL_MODES,
+                         ids=[_key(m, o) for m, o in SEVERAL_MODES])
+def test_ddp_with_two_optimizers_matches_a_single_process_and_resumes_exactly(runs, mode, options):
+    """Each rank skips the same steps of the same optimizer (the head's, whose reduced
+    gradient holds inf at step 1), the shared scale backs off once, no_sync()
+    micro-batches wait on the model for DDP; a checkpoint of both resumes bit-identically."""
+    rank0, rank1 = result(runs, _key("ddp-several", mode, options))
+    both = BothOptimizers(make_model(0), mode, options, poison_rank=-1)
+    run_steps(both.model, both, 4)
+    assert_weights_close(rank0["weights"], _detached(both.model.state_dict()),
+                         make_model(0).state_dict(), _tol(mode, options))
+    for name, value in rank0["weights"].items():
+        assert torch.equal(value, rank1["weights"][name]), f"replicas differ in {name}"
+        assert torch.equal(rank0["resumed"][name], value), f"resume differs in {name}"
+        assert torch.equal(rank1["resumed"][name], value), f"resume differs in {name}"
+    assert rank0["skipped"] == rank1["skipped"] == [0, 1]
+    assert [opt.precision.skipped_steps for opt in both.opts] == [0, 1]
+    assert rank0["scale"] == rank1["scale"] == both.model.precision.loss_scale
+    if mode == "16-mixed":
+        assert rank0["scale"] == 512.0  # backed off once
 
 
 @pytest.mark.parametrize(("mode", "options", "autocast"), FSDP_MODES,
@@ -712,6 +802,7 @@ def test_wrong_orders_and_unsupported_combinations_are_refused_clearly(runs):
         assert got["other_mode"][0] == "WrapError"
         assert "'bf16-mixed'" in got["other_mode"][1] and "'16-mixed'" in got["other_mode"][1]
         assert got["ddp_sharded_ckpt"][0] == "CheckpointError"
+        assert got["fsdp_several"][0] == "WrapError" and "FSDP2" in got["fsdp_several"][1]
 
 
 @pytest.mark.skipif(not HAVE_AO, reason="mixprec-torchao is not installed")
