@@ -163,7 +163,8 @@ def get_state_dict(
     same mode; under FSDP2 gathered to full CPU tensors on rank 0 (other ranks get an
     empty dict), under DDP the replica's own ``state_dict()`` on every rank. Every
     rank must call it. Like torch's state dicts, it may share tensors with the live
-    optimizer (``step`` counts): save it before training on.
+    optimizer (``step`` counts): save it before training on. A model wrapped with
+    several optimizers (DDP) gives all of them: pass any one as ``optimizer``.
 
     .. versionadded:: 0.1
     """

@@ -30,6 +30,10 @@ used with several optimizers (one scaler; ``scaler.scale(loss)`` per loss;
 - ``model.precision.state_dict()`` (also ``opt_i.precision.state_dict()``) holds the
   model, every optimizer's state, the shared scaler and the open round (format in
   ``_checkpoint.py``); resuming is exact.
+- DDP works as with one optimizer (``mixprec.distributed.get_state_dict(model, opt_i,
+  full_state_dict=True)`` takes any of them). Refused at wrap, before anything
+  changes: a model sharded by ``mixprec.distributed.fully_shard`` (FSDP2) and a
+  ``monitor`` (it observes one optimizer's steps); ``mixprec doctor`` trains with one.
 """
 
 from __future__ import annotations

@@ -575,3 +575,20 @@ def test_distributed_full_checkpoints_take_any_of_the_optimizers():
     _, stranger = mixprec.wrap(other, adam(other.parameters()))
     with pytest.raises(CheckpointError, match="not the one wrapped"):
         mpd.get_state_dict(model, stranger, full_state_dict=True)
+
+
+def test_the_doctor_refuses_an_optimizer_factory_returning_several():
+    """The doctor trains with one optimizer; a factory giving a list says so in the row."""
+    torch.manual_seed(0)
+    model = TinyNet()
+
+    def two(params):
+        return [torch.optim.SGD(params[:2], lr=0.1), torch.optim.SGD(params[2:], lr=0.1)]
+
+    def loss(m, b):
+        return loss_of(m, *b)
+
+    report = mixprec.doctor(model, [make_batch(seed=i) for i in range(2)], loss_fn=loss,
+                            optimizer=two, modes=["bf16-true"], steps=1)
+    row = report.mode("bf16-true")
+    assert row.status == "error" and "one torch.optim.Optimizer" in row.error

@@ -233,7 +233,12 @@ def _examine(
             raise WrapError("The model has no trainable parameters (requires_grad=True); "
                             "unfreeze some, or add adapters.")
         torch.manual_seed(seed)
-        wrapped, opt = wrapper.wrap(work, make_opt(trainable))
+        made = make_opt(trainable)
+        if not isinstance(made, torch.optim.Optimizer):  # a list: wrap's several optimizers
+            raise WrapError(f"doctor(optimizer=...) must return one torch.optim.Optimizer for "
+                            f"all trainable parameters, got {type(made).__name__}; the doctor "
+                            "trains with one optimizer.")
+        wrapped, opt = wrapper.wrap(work, made)
         result.summary = wrapper.summary
         result.loss_scale = wrapper.loss_scale
         result.ignore_modules = tuple(dict(candidate.options).get("ignore_modules") or ())
