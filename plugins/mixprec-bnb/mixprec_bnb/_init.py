@@ -6,7 +6,8 @@ empty and is quantized when a state dict is loaded), so the model never exists
 in full precision. A layer's dotted name is only known once the whole model
 is assembled, so ``ignore_modules`` is applied when the context exits: the
 excluded layers are replaced by plain ``torch.nn.Linear`` layers (freshly
-initialised, or empty on ``meta``).
+initialised, or empty on ``meta``). So is the model's output layer (``lm_head``),
+which the modes keep in full precision unless ``quantize_lm_head=True``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class _Tracker:
 @contextlib.contextmanager
 def quantized_init(
     config: QuantConfig, ignore_modules: Sequence[str], device: torch.device | str | None,
+    *, quantize_lm_head: bool = False,
 ) -> Iterator[None]:
     """Replace ``torch.nn.Linear`` by quantizing layers inside the block (not thread-safe)."""
     layer_class = init_layer_class(config)
@@ -72,20 +74,25 @@ def quantized_init(
     finally:
         torch.nn.Linear = previous  # type: ignore[misc]
         handle.remove()
-    _finish(tracker, ignore_modules, config)
+    _finish(tracker, ignore_modules, config, quantize_lm_head)
 
 
-def _finish(tracker: _Tracker, ignore_modules: Sequence[str], config: QuantConfig) -> None:
+def _finish(tracker: _Tracker, ignore_modules: Sequence[str], config: QuantConfig,
+            quantize_lm_head: bool) -> None:
+    from ._hf import inside, output_layer_names
+
     base = layer_base(config)
     roots = tracker.roots()
     excluded: list[str] = []
     matched: set[str] = set()
     for root in roots:
+        heads = [] if quantize_lm_head else output_layer_names(root)
         for name, module in list(root.named_modules(remove_duplicate=False)):
             pattern = match_module(name, ignore_modules)
             if pattern is not None:
                 matched.add(pattern)
-            if type(module) is not tracker.layer_class or pattern is None:
+            if type(module) is not tracker.layer_class or (pattern is None
+                                                           and not inside(name, heads)):
                 continue
             parent_name, _, attr = name.rpartition(".")
             parent = root.get_submodule(parent_name)

@@ -17,6 +17,12 @@ Why not bitsandbytes' layers as they are (0.50.2, checked on torch 2.13 CPU):
   quantized before the last optimizer step when gradients are zeroed rather
   than set to None: here inputs are flattened and trainable weights are
   re-quantized on every forward.
+
+transformers' ``Conv1D`` (the GPT-2 family) stores its weight as ``(in, out)`` and
+computes ``x @ weight + bias``: the frozen modes quantize it as the Linear it is,
+with the transposed weight, as transformers' bitsandbytes integration does. Its
+quantized state dict is then the one transformers writes for such a layer; a
+full-precision checkpoint loads in the Conv1D's own ``(in, out)`` layout.
 """
 
 from __future__ import annotations
@@ -136,6 +142,8 @@ class QuantLinear4bit(Linear4bit):
     """
 
     config: QuantConfig
+    #: built from a transformers ``Conv1D``: full-precision checkpoints hold ``(in, out)``
+    conv1d: bool = False
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, config: QuantConfig) -> QuantLinear4bit:
@@ -144,6 +152,18 @@ class QuantLinear4bit(Linear4bit):
         layer.weight = layer._quantize(linear.weight.detach())
         layer.bias = linear.bias
         layer.train(linear.training)
+        return layer
+
+    @classmethod
+    def from_conv1d(cls, conv: torch.nn.Module, config: QuantConfig) -> QuantLinear4bit:
+        """Quantize a transformers ``Conv1D`` (weight ``(in, out)``) as a Linear layer with
+        the transposed weight; the bias parameter is shared."""
+        in_features, out_features = conv.weight.shape
+        layer = cls._empty(in_features, out_features, config)
+        layer.conv1d = True
+        layer.weight = layer._quantize(conv.weight.detach().t().contiguous())
+        layer.bias = conv.bias
+        layer.train(conv.training)
         return layer
 
     @classmethod
@@ -226,12 +246,14 @@ class QuantLinear4bit(Linear4bit):
         extra = {k[len(key) + 1:]: v for k, v in state.items() if k.startswith(key + ".")}
         shape = (self.out_features, self.in_features)
         if not extra:
+            dense = _dense_shape(self)
             if not (torch.is_tensor(weight) and weight.is_floating_point()
-                    and tuple(weight.shape) == shape):
+                    and tuple(weight.shape) == dense):
                 got = tuple(weight.shape) if torch.is_tensor(weight) else type(weight).__name__
                 raise _dense_error("weight", prefix, (
                     f"has shape {got} without 4-bit quant state, but the layer expects a "
-                    f"floating-point weight of shape {shape} (it is quantized on load)"))
+                    f"floating-point weight of shape {dense}{_layout(self)} (it is quantized "
+                    "on load)"))
             return
         packed = [k for k in extra if k.startswith("quant_state.bitsandbytes__")]
         if len(packed) != 1 or "absmax" not in extra:
@@ -272,7 +294,7 @@ class QuantLinear4bit(Linear4bit):
                 param.quant_storage = self.config.quant_storage
                 self.quant_state = param.quant_state
             else:
-                param = self._quantize(weight.to(device))
+                param = self._quantize(_as_linear_weight(self, weight.to(device)))
             self._parameters["weight"] = param
         rest = {k: v for k, v in state_dict.items() if k != key and not k.startswith(key + ".")}
         metadata = dict(local_metadata)
@@ -303,6 +325,8 @@ class QuantLinear8bit(Linear8bitLt):
     """
 
     config: QuantConfig
+    #: built from a transformers ``Conv1D``: full-precision checkpoints hold ``(in, out)``
+    conv1d: bool = False
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, config: QuantConfig) -> QuantLinear8bit:
@@ -311,6 +335,19 @@ class QuantLinear8bit(Linear8bitLt):
         layer.weight = layer._quantize(linear.weight.detach(), linear.weight.requires_grad)
         layer.bias = linear.bias
         layer.train(linear.training)
+        return layer
+
+    @classmethod
+    def from_conv1d(cls, conv: torch.nn.Module, config: QuantConfig) -> QuantLinear8bit:
+        """Quantize a transformers ``Conv1D`` (weight ``(in, out)``) as a Linear layer with
+        the transposed weight (frozen int8 only); the bias parameter is shared."""
+        assert not config.trainable, "int8-training leaves Conv1D layers as they are"
+        in_features, out_features = conv.weight.shape
+        layer = cls._empty(in_features, out_features, config)
+        layer.conv1d = True
+        layer.weight = layer._quantize(conv.weight.detach().t().contiguous(), False)
+        layer.bias = conv.bias
+        layer.train(conv.training)
         return layer
 
     @classmethod
@@ -391,10 +428,13 @@ class QuantLinear8bit(Linear8bitLt):
             return
         weight = state[key]
         shape = (self.out_features, self.in_features)
-        if not torch.is_tensor(weight) or tuple(weight.shape) != shape:
-            got = tuple(weight.shape) if torch.is_tensor(weight) else type(weight).__name__
-            raise _dense_error("weight", prefix, f"has shape {got} but the layer is {shape}")
         scb = state.get(prefix + "SCB")
+        expected = shape if scb is not None else _dense_shape(self)
+        if not torch.is_tensor(weight) or tuple(weight.shape) != expected:
+            got = tuple(weight.shape) if torch.is_tensor(weight) else type(weight).__name__
+            layout = "" if scb is not None else _layout(self)
+            raise _dense_error("weight", prefix,
+                               f"has shape {got} but the layer is {expected}{layout}")
         if scb is None:
             if not weight.is_floating_point():
                 raise _dense_error("weight", prefix, (
@@ -427,7 +467,8 @@ class QuantLinear8bit(Linear8bitLt):
                 with torch.no_grad():  # in place: the optimizer keeps its entry
                     self.weight.copy_(weight)
             else:
-                self._parameters["weight"] = self._quantize(weight.to(device))
+                self._parameters["weight"] = self._quantize(
+                    _as_linear_weight(self, weight.to(device)))
             self.state.reset_grads()
         rest = {k: v for k, v in state_dict.items() if k not in (key, scb_key, fmt_key)}
         metadata = dict(local_metadata)
@@ -448,14 +489,37 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
 
 
-def build_layer(linear: torch.nn.Linear, config: QuantConfig) -> QuantLinear4bit | QuantLinear8bit:
-    """The quantized replacement of ``linear``; the forward hooks registered on it carry over."""
+def _dense_shape(layer: Any) -> tuple[int, int]:
+    """The shape of a full-precision weight for ``layer`` in checkpoints: ``(in, out)`` for
+    a frozen layer made from a ``Conv1D`` (its model's own layout), else ``(out, in)``."""
+    if layer.conv1d and not layer.config.trainable:
+        return (layer.in_features, layer.out_features)
+    return (layer.out_features, layer.in_features)
+
+
+def _layout(layer: Any) -> str:
+    return " (a transformers Conv1D's (in, out) layout)" if layer.conv1d else ""
+
+
+def _as_linear_weight(layer: Any, weight: torch.Tensor) -> torch.Tensor:
+    """A full-precision checkpoint weight in Linear layout ``(out, in)``."""
+    if layer.conv1d and not layer.config.trainable:
+        return weight.t().contiguous()
+    return weight
+
+
+def build_layer(source: torch.nn.Module, config: QuantConfig) -> QuantLinear4bit | QuantLinear8bit:
+    """The quantized replacement of ``source``, a ``torch.nn.Linear`` or a transformers
+    ``Conv1D``; the forward hooks registered on it carry over."""
     cls = QuantLinear4bit if config.kind == "4bit" else QuantLinear8bit
-    layer = cls.from_linear(linear, config)
+    if isinstance(source, TorchLinear):
+        layer = cls.from_linear(source, config)
+    else:
+        layer = cls.from_conv1d(source, config)
     for name in _HOOK_DICTS:
-        source = getattr(linear, name, None)
-        if source:
-            getattr(layer, name).update(source)
+        hooks = getattr(source, name, None)
+        if hooks:
+            getattr(layer, name).update(hooks)
     return layer
 
 

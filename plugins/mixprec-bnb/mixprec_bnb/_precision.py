@@ -72,6 +72,15 @@ class BitsandbytesMode(mixprec.PrecisionMode):
     as it is: its dtype, device and trainability do not change. A quantized
     layer casts its input to ``dtype`` and returns the input's dtype.
 
+    The model's output layer (``lm_head``) stays in full precision unless
+    ``quantize_lm_head=True``, as transformers keeps it for bitsandbytes.
+    transformers' ``Conv1D`` layers (GPT-2 family) are quantized like Linear layers
+    with the transposed weight, as transformers does. Layers transformers already
+    quantized (a model loaded with ``BitsAndBytesConfig``) are kept as they are, not
+    quantized again. On a transformers model, ``config.quantization_config``
+    describes the quantized layers, so ``save_pretrained`` writes a checkpoint that
+    ``from_pretrained`` loads quantized.
+
     :param mode: ``"nf4"``, ``"nf4-dq"``, ``"fp4"``, ``"fp4-dq"``, ``"int8"`` or
         ``"int8-training"``.
     :param dtype: compute dtype of the quantized layers (``"bf16"``, ``"16"``,
@@ -91,6 +100,12 @@ class BitsandbytesMode(mixprec.PrecisionMode):
         16-bit weights in the optimizer (gradients accumulate and the step runs in fp32).
         Default: on when the weights end up in fp16 (a torch Adam step on fp16 weights
         goes NaN: ``eps=1e-8`` is 0 in fp16), off otherwise.
+    :param quantize_lm_head: quantize the model's output layer too. Default False: it
+        stays in full precision, as transformers keeps it when it quantizes with
+        bitsandbytes (the logits are the most sensitive output of a language model). The
+        output layer is what ``model.get_output_embeddings()`` returns where the model
+        has that method (transformers, and peft models through it), else the modules
+        named ``lm_head`` (``base_model.model.lm_head`` too).
     """
 
     def __init__(
@@ -102,6 +117,7 @@ class BitsandbytesMode(mixprec.PrecisionMode):
         blocksize: int | None = None,
         quant_storage: str | torch.dtype | None = None,
         master_weights: bool | None = None,
+        quantize_lm_head: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ModeOptionError(
@@ -146,12 +162,14 @@ class BitsandbytesMode(mixprec.PrecisionMode):
             )
         self.master_weights = bool(master_weights)
         self._auto_masters = master_weights is None and self.trainable
+        self.quantize_lm_head = check_bool(quantize_lm_head, "quantize_lm_head")
         self._options = {
             "dtype": None if dtype is None else dtype_name(self.dtype),  # type: ignore[arg-type]
             "ignore_modules": list(self.ignore_modules) or None,
             "blocksize": blocksize,
             "quant_storage": None if quant_storage is None else dtype_name(self.quant_storage),
             "master_weights": True if master_weights else None,
+            "quantize_lm_head": True if self.quantize_lm_head else None,
         }
         self.compute_dtype: torch.dtype | None = self.dtype
 
@@ -211,10 +229,14 @@ class BitsandbytesMode(mixprec.PrecisionMode):
         """What ``convert_module`` will do; raises every predictable error."""
         from bitsandbytes.nn import Linear4bit, Linear8bitLt
 
+        from ._hf import conv1d_class, inside, output_layer_names
         from ._layers import QuantLinear4bit, QuantLinear8bit, TorchLinear
 
         plan = _Plan()
         adapters, plan.adapter_layers = _adapter_modules(module)
+        plan.adapters = adapters
+        conv1d = conv1d_class()
+        heads = [] if self.quantize_lm_head else output_layer_names(module)
         names: dict[int, list[str]] = {}
         modules: dict[int, torch.nn.Module] = {}
         owners: dict[int, set[int]] = {}  # parameter id -> ids of the modules holding it
@@ -265,12 +287,8 @@ class BitsandbytesMode(mixprec.PrecisionMode):
                     )
                 plan.existing.append((shown, sub))
             elif isinstance(sub, (Linear4bit, Linear8bitLt)):
-                raise WrapError(
-                    f"Layer {shown!r} is already a bitsandbytes {type(sub).__name__} not made by "
-                    f"mixprec; {self.name!r} would quantize twice. Wrap with an optimizer-only "
-                    "mode such as '32-true+adamw8bit', or start from the full-precision model."
-                )
-            elif isinstance(sub, TorchLinear):
+                plan.adopted.append((shown, sub, self._adoptable(sub, sub_names, config)))
+            elif isinstance(sub, TorchLinear) or (conv1d is not None and type(sub) is conv1d):
                 if "" in sub_names:
                     raise WrapError(
                         f"The model itself is a {type(sub).__name__}, which cannot be replaced in "
@@ -278,18 +296,27 @@ class BitsandbytesMode(mixprec.PrecisionMode):
                     )
                 if any(match_module(n, self.ignore_modules) for n in sub_names):
                     plan.ignored.append(shown)
+                elif any(inside(n, heads) for n in sub_names):
+                    plan.output.append(shown)
                 elif len(owners.get(id(sub.weight), ())) > 1:
                     plan.tied.append(shown)
                 elif sub.weight.numel() == 0:
                     plan.empty.append(shown)
-                elif type(sub) is not TorchLinear:
+                elif type(sub) is conv1d and config.trainable:
+                    plan.conv1d_kept.append(shown)
+                elif type(sub) is not TorchLinear and type(sub) is not conv1d:
                     plan.subclasses.append(f"{shown} ({type(sub).__name__})")
                 else:
                     plan.targets.append((sub_names, sub))
-        if not plan.targets and not plan.existing:
-            skipped = len(plan.ignored) + len(plan.tied) + len(plan.subclasses) + len(plan.empty)
-            reason = (f"all {skipped} are excluded: ignore_modules, tied weights, subclasses "
-                      "or empty layers"
+        if plan.adopted:  # quantized when loaded: what the loader left alone stays so
+            plan.as_loaded = [names[0] for names, _ in plan.targets]
+            plan.targets = []
+        if not plan.targets and not plan.existing and not plan.adopted:
+            skipped = (len(plan.ignored) + len(plan.output) + len(plan.tied)
+                       + len(plan.subclasses) + len(plan.empty) + len(plan.conv1d_kept))
+            reason = (f"all {skipped} are excluded: ignore_modules, the output layer "
+                      "(quantize_lm_head=True quantizes it), tied weights, subclasses, "
+                      "empty layers or (int8-training) Conv1D layers"
                       if skipped else "it has none")
             raise WrapError(
                 f"Mode {self.name!r} found no torch.nn.Linear layer to quantize ({reason}); "
@@ -297,17 +324,62 @@ class BitsandbytesMode(mixprec.PrecisionMode):
             )
         return plan
 
+    def _adoptable(self, layer: torch.nn.Module, names: list[str], config: Any) -> Any:
+        """The :class:`QuantConfig` of a bitsandbytes layer mixprec did not make (transformers
+        built it, loading with ``BitsAndBytesConfig``), to keep it as it is; raises if this
+        mode cannot take it over without quantizing twice."""
+        from ._hf import describe_foreign, foreign_config
+
+        shown = names[0] or type(layer).__name__
+        what = describe_foreign(layer)
+        state = getattr(layer.weight, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            raise WrapError(
+                f"Layer {shown!r} is a bitsandbytes {what} whose weight bitsandbytes repacked "
+                "for its CPU inference kernel (a forward in eval mode); wrap the model before "
+                "running it in eval mode."
+            )
+        found = foreign_config(layer, config.compute_dtype)
+        if found is None:
+            raise WrapError(
+                f"Layer {shown!r} is a bitsandbytes {what} without quantized weights (on meta, "
+                f"or trainable 16-bit weights); {self.name!r} cannot take it over. Load the "
+                "model's weights first, or start from the full-precision model."
+            )
+        if found != config:
+            opts = []
+            if found.kind == "4bit" and found.blocksize != 64:
+                opts.append(f"blocksize={found.blocksize}")
+            if found.kind == "4bit" and found.quant_storage is not torch.uint8:
+                opts.append(f"quant_storage={dtype_name(found.quant_storage)!r}")
+            suggest = repr(found.mode_name) + (f" with {', '.join(opts)}" if opts else "")
+            raise WrapError(
+                f"Layer {shown!r} is already quantized: a bitsandbytes {what} (loaded so, e.g. "
+                f"by transformers with BitsAndBytesConfig), and mode {self.name!r} would "
+                f"quantize it twice; wrap with mode {suggest}, which keeps it as it is, with an "
+                "optimizer-only mode such as '32-true+adamw8bit', or start from the "
+                "full-precision model."
+            )
+        if any(match_module(n, self.ignore_modules) for n in names):
+            raise WrapError(
+                f"Layer {shown!r} is already quantized (a bitsandbytes {what}) but matches "
+                "ignore_modules; quantization cannot be undone exactly: load the model with "
+                "BitsAndBytesConfig(llm_int8_skip_modules=[...]) instead."
+            )
+        return found
+
     # -- conversion -------------------------------------------------------------------------
 
     def convert_module(self, module: torch.nn.Module) -> list[str]:
-        from ._layers import build_layer
+        from ._hf import attach_quantization_config, conv1d_class, scales
+        from ._layers import QuantLinear4bit, QuantLinear8bit, build_layer, is_quantized_layer
 
         device = device_of(module)
         config = self.config(device)
         self.compute_dtype = config.compute_dtype
         plan = self._plan(module, config)
         frozen: list[str] = []
-        per_weight = const = weights = 0
+        per_weight = const = weights = conv1d = 0
         for names, linear in plan.targets:
             layer = build_layer(linear, config)  # one layer at a time: quantize, then swap
             for name in names:
@@ -315,8 +387,23 @@ class BitsandbytesMode(mixprec.PrecisionMode):
                 module.get_submodule(parent_name)._modules[attr] = layer
             if linear.weight.requires_grad and not config.trainable:
                 frozen.append(names[0] + ".weight")
+            conv1d += layer.conv1d
             p, c = layer.storage_nbytes()
             per_weight, const, weights = per_weight + p, const + c, weights + linear.weight.numel()
+        for _, layer, found in plan.adopted:  # in place: hooks, names and the weight stay
+            source = getattr(layer, "source_cls", None)  # set by transformers' loading
+            if found.kind == "4bit":
+                layer.__class__ = QuantLinear4bit
+                layer.quant_state = layer.weight.quant_state
+            else:  # the scales where this plugin's layers keep them: on the weight
+                layer.weight.SCB, layer.weight.CB = scales(layer), layer.weight.data
+                layer.__class__ = QuantLinear8bit
+            layer._configure(found)
+            if source is not None and source is conv1d_class():
+                layer.conv1d = True
+            p, c = layer.storage_nbytes()
+            per_weight, const = per_weight + p, const + c
+            weights += layer.in_features * layer.out_features
         for _, layer in plan.existing:
             if not config.trainable:
                 layer._configure(dataclasses.replace(layer.config, compute_dtype=config.compute_dtype))
@@ -324,10 +411,26 @@ class BitsandbytesMode(mixprec.PrecisionMode):
             per_weight, const = per_weight + p, const + c
             weights += layer.in_features * layer.out_features
         lines = [self._describe_quantization(config, plan, weights, per_weight, const)]
+        if conv1d:
+            lines.append(f"{conv1d} of them transformers Conv1D layers, quantized with the "
+                         "transposed weight (as transformers does)")
         if plan.existing:
-            lines.append(f"kept {len(plan.existing)} layers quantized in init_module")
+            lines.append(f"kept {len(plan.existing)} layers mixprec quantized before (in "
+                         "init_module, or by a wrap that unwrap undid)")
+        if plan.adopted:
+            lines.append(f"kept {len(plan.adopted)} layers already quantized "
+                         f"({config.mode_name}, e.g. loaded by transformers with "
+                         "BitsAndBytesConfig) as they are, not quantized again: "
+                         f"{_shorten([shown for shown, _, _ in plan.adopted])}")
+        if plan.as_loaded:
+            lines.append("left in full precision as loaded (the model came with quantized "
+                         f"layers; mixprec quantizes no others): {_shorten(plan.as_loaded)}")
         if plan.ignored:
             lines.append(f"left in full precision (ignore_modules): {_shorten(plan.ignored)}")
+        if plan.output:
+            lines.append("left in full precision (the output layer, as transformers keeps it "
+                         f"for bitsandbytes; quantize_lm_head=True quantizes it): "
+                         f"{_shorten(plan.output)}")
         if plan.tied:
             lines.append("left in full precision (weight tied to another module, e.g. the "
                          f"embedding): {_shorten(plan.tied)}")
@@ -336,6 +439,10 @@ class BitsandbytesMode(mixprec.PrecisionMode):
         if plan.subclasses:
             lines.append("left alone (torch.nn.Linear subclasses that may not call their own "
                          f"forward): {_shorten(plan.subclasses)}")
+        if plan.conv1d_kept:
+            lines.append("left alone (transformers Conv1D layers: int8-training keeps their "
+                         "weights trainable in their own (in, out) layout; 'int8' quantizes "
+                         f"them): {_shorten(plan.conv1d_kept)}")
         if plan.adapter_layers:
             lines.append(f"left alone: the adapters of {plan.adapter_layers} peft layers "
                          "(trainable)")
@@ -360,11 +467,13 @@ class BitsandbytesMode(mixprec.PrecisionMode):
             )
         _mark_loaded(module, "is_loaded_in_4bit" if self.kind == "4bit" else
                      None if self.trainable else "is_loaded_in_8bit")
+        quantized = {id(m) for m in module.modules() if is_quantized_layer(m)}
+        lines += attach_quantization_config(module, config, quantized, plan.adapters)
         return lines
 
     def _describe_quantization(self, config: Any, plan: _Plan, weights: int, per_weight: int,
                                const: int) -> str:
-        layers = len(plan.targets) + len(plan.existing)
+        layers = len(plan.targets) + len(plan.existing) + len(plan.adopted)
         what = (f"{config.mode_name}, blocksize {config.blocksize}, storage "
                 f"{dtype_name(config.quant_storage)}" if config.kind == "4bit"
                 else config.mode_name)
@@ -381,7 +490,8 @@ class BitsandbytesMode(mixprec.PrecisionMode):
 
         target = torch.device(device) if device is not None else torch.get_default_device()
         probe = torch.device("cpu") if target.type == "meta" else target
-        return quantized_init(self.config(probe), self.ignore_modules, device)
+        return quantized_init(self.config(probe), self.ignore_modules, device,
+                              quantize_lm_head=self.quantize_lm_head)
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -426,6 +536,12 @@ class _Plan:
     subclasses: list[str] = dataclasses.field(default_factory=list)
     tied: list[str] = dataclasses.field(default_factory=list)
     empty: list[str] = dataclasses.field(default_factory=list)
+    output: list[str] = dataclasses.field(default_factory=list)  # the lm_head, kept
+    conv1d_kept: list[str] = dataclasses.field(default_factory=list)  # int8-training
+    #: bitsandbytes layers mixprec did not make, kept: (name, layer, their QuantConfig)
+    adopted: list[tuple[str, Any, Any]] = dataclasses.field(default_factory=list)
+    as_loaded: list[str] = dataclasses.field(default_factory=list)
+    adapters: set[int] = dataclasses.field(default_factory=set)
     adapter_layers: int = 0
 
 

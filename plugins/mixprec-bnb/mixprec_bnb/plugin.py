@@ -39,12 +39,13 @@ def _precision_factory(name: str) -> Callable[..., BitsandbytesMode]:
     def factory(
         *, dtype: Any = None, ignore_modules: str | Iterable[str] = (),
         blocksize: int | None = None, quant_storage: Any = None, master_weights: bool | None = None,
+        quantize_lm_head: bool = False,
     ) -> BitsandbytesMode:
         from ._precision import BitsandbytesMode
 
         return BitsandbytesMode(name, dtype=dtype, ignore_modules=ignore_modules,
                                 blocksize=blocksize, quant_storage=quant_storage,
-                                master_weights=master_weights)
+                                master_weights=master_weights, quantize_lm_head=quantize_lm_head)
 
     factory.__name__ = f"{name.replace('-', '_')}_factory"
     return factory

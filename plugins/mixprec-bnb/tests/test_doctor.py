@@ -4,7 +4,8 @@ The doctor needs nothing from the plugin beyond its mode: it finds ``lm_head`` t
 sensitive layer (quantizing it alone costs the model output more SQNR than any other
 layer), recommends keeping it in full precision through the mode's own
 ``ignore_modules`` option, and its measured fix recovers most of the loss gap to the
-full-precision LoRA base.
+full-precision LoRA base. (The modes keep ``lm_head`` in full precision by default; the
+doctor runs them with ``quantize_lm_head=True`` to measure it.)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from mixprec._bench.model import MarkovTask, lm_loss
 VOCAB, SEQ, BATCH = 128, 32, 8
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LM_HEAD = "base_model.model.lm_head"
+NF4 = "nf4-dq[quantize_lm_head=true]"  # lm_head quantized too, as the doctor measures it
 
 
 def _loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -52,11 +54,11 @@ def _tiny_llama_lora() -> tuple[peft.PeftModel, list[torch.Tensor]]:
 def test_doctor_keeps_lm_head_of_an_nf4_llama_and_recovers_the_gap() -> None:
     model, batches = _tiny_llama_lora()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = mixprec.doctor(model, batches, loss_fn=_loss, modes=["nf4-dq"], steps=30)
+    report = mixprec.doctor(model, batches, loss_fn=_loss, modes=[NF4], steps=30)
     for key, value in model.state_dict().items():  # the user's model is untouched
         assert torch.equal(value, before[key]), key
 
-    plain = report.mode("nf4-dq")
+    plain = report.mode(NF4)
     assert "ignore_modules" in plain.takes  # read from the plugin's factory
     ranked = [lr.name for lr in plain.ranked()]
     assert ranked[0] == LM_HEAD  # the most sensitive layer
@@ -66,9 +68,9 @@ def test_doctor_keeps_lm_head_of_an_nf4_llama_and_recovers_the_gap() -> None:
 
     rec = report.recommendation
     assert LM_HEAD in rec.ignore_modules
-    assert rec.candidate is not None and rec.candidate.mode == "nf4-dq"
+    assert rec.candidate is not None and rec.candidate.mode == NF4
     assert f"ignore_modules=[{LM_HEAD!r}" in rec.wrap_line
-    fixed = next(m for m in report.modes if m.candidate.fix_of == "nf4-dq")
+    fixed = next(m for m in report.modes if m.candidate.fix_of == NF4)
     assert fixed.candidate == rec.candidate
     assert fixed.layer(LM_HEAD).impact_db == float("inf")  # kept in fp32
     # the loss gap to the full-precision LoRA base (32-true): mostly recovered

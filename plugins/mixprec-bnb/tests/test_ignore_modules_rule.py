@@ -67,7 +67,8 @@ def test_match_module_selects_the_table(patterns: list[str], selected: set[str])
 @pytest.mark.filterwarnings("ignore::mixprec.MixprecWarning")  # weights frozen by quantization
 @pytest.mark.parametrize(("patterns", "selected"), CASES, ids=[str(c[0]) for c in CASES])
 def test_the_mode_excludes_what_match_module_selects(patterns: list[str], selected: set[str]) -> None:
-    wrapped = mixprec.wrap(build_model(), None, BitsandbytesMode("nf4", ignore_modules=patterns))
+    mode = BitsandbytesMode("nf4", ignore_modules=patterns, quantize_lm_head=True)  # the rule alone
+    wrapped = mixprec.wrap(build_model(), None, mode)
     quantized = {n for n, m in wrapped.named_modules() if isinstance(m, QuantLinear4bit)}
     assert quantized == set(LINEARS) - selected
     kept = {n for n, m in wrapped.named_modules() if type(m) is torch.nn.Linear}

@@ -21,20 +21,21 @@ def _quantized(model: torch.nn.Module) -> list[str]:
 
 @pytest.mark.parametrize("mode", ["nf4-dq", "fp4", "int8"])
 def test_layers_are_quantized_as_they_are_built(mode: str) -> None:
+    mode = BitsandbytesMode(mode, quantize_lm_head=True)  # every layer: the values compare
     with mixprec.init_module(mode) as precision:
         torch.manual_seed(0)
         model = TinyLM()
     assert torch.nn.Linear is REAL_LINEAR
     assert _quantized(model) == ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down",
                                  "lm_head"]
-    cls = QuantLinear4bit if mode != "int8" else QuantLinear8bit
+    cls = QuantLinear4bit if mode.name != "int8" else QuantLinear8bit
     assert {type(m) for n, m in model.named_modules() if n in _quantized(model)} == {cls}
     assert model.emb.weight.dtype == torch.float32
     # the same initial values as quantizing a model built normally with the same seed
     reference = wrap_quiet(make_lm(0), None, mode)
     assert_state_equal(model.state_dict(), reference.state_dict())
     wrapped = precision.wrap(model)
-    assert "kept 5 layers quantized in init_module" in wrapped.precision.summary
+    assert "kept 5 layers mixprec quantized before (in init_module" in wrapped.precision.summary
     assert "quantized 5 Linear layers" in wrapped.precision.summary
     tokens = torch.randint(0, 64, (2, 8))
     assert torch.equal(wrapped(tokens), reference(tokens))
@@ -97,7 +98,7 @@ def test_unloaded_meta_layers_cannot_run_or_be_wrapped() -> None:
         model = TinyLM()
     with pytest.raises(RuntimeError, match=r"holds no weights yet \(it was built on the meta "
                                            r"device\); load a state dict"):
-        model.lm_head(torch.zeros(1, 64, device="meta"))
+        model.blocks[0].up(torch.zeros(1, 64, device="meta"))
     with pytest.raises(WrapError, match=r"meta device; load its weights first"):
         precision.wrap(model)
 
@@ -116,6 +117,6 @@ def test_wrapping_init_layers_in_another_mode_is_refused() -> None:
     with pytest.raises(WrapError, match=r"Layer 'blocks.0.up' was quantized as nf4 \(blocksize "
                                         r"64, bfloat16\) but this mode is fp4"):
         mixprec.wrap(model, None, "fp4")
-    with pytest.raises(WrapError, match=r"Layer 'lm_head' is already quantized but matches "
+    with pytest.raises(WrapError, match=r"Layer 'blocks.0.up' is already quantized but matches "
                                         r"ignore_modules"):
-        mixprec.wrap(model, None, BitsandbytesMode("nf4", ignore_modules="lm_head"))
+        mixprec.wrap(model, None, BitsandbytesMode("nf4", ignore_modules="blocks.0.up"))

@@ -6,7 +6,7 @@ import peft
 import pytest
 import torch
 from conftest import TinyLM, lm_loss, make_lm, train, wrap_quiet
-from mixprec_bnb import QuantLinear4bit, QuantLinear8bit
+from mixprec_bnb import BitsandbytesMode, QuantLinear4bit, QuantLinear8bit
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 import mixprec
@@ -31,7 +31,8 @@ def test_adapters_first_then_wrap_quantizes_only_the_base_layers() -> None:
     wrapped, wopt = mixprec.wrap(model, opt, "nf4-dq+adamw8bit")  # base already frozen: no warning
     quantized = [n for n, m in wrapped.named_modules() if isinstance(m, QuantLinear4bit)]
     assert quantized == [f"base_model.model.blocks.{i}.{t}.base_layer"
-                         for i in range(2) for t in TARGETS] + ["base_model.model.lm_head"]
+                         for i in range(2) for t in TARGETS]
+    assert type(wrapped.base_model.model.lm_head) is torch.nn.Linear  # the output layer, kept
     lora_a = wrapped.base_model.model.blocks[0].up.lora_A["default"]
     assert type(lora_a) is torch.nn.Linear and lora_a.weight.requires_grad
     assert "left alone: the adapters of 4 peft layers (trainable)" in wopt.precision.summary
@@ -79,13 +80,15 @@ def test_wrap_first_then_adapters_on_the_quantized_model(mode, flag, lora_cls, b
 
 
 def test_get_peft_model_on_the_wrapped_module_itself() -> None:
-    wrapped = wrap_quiet(make_lm(), None, "nf4-dq")
+    mode = BitsandbytesMode("nf4-dq", quantize_lm_head=True)  # LoRA on a quantized head too
+    wrapped = wrap_quiet(make_lm(), None, mode)
     torch.manual_seed(11)
     config = LoraConfig(r=8, target_modules=[*TARGETS, "lm_head"], init_lora_weights=False)
     peft_model = get_peft_model(wrapped, config)
     assert type(wrapped.module.lm_head) is peft.tuners.lora.bnb.Linear4bit
     adapters = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
-    fresh = get_peft_model(wrap_quiet(make_lm(), None, "nf4-dq"), LoraConfig(
+    fresh_mode = BitsandbytesMode("nf4-dq", quantize_lm_head=True)
+    fresh = get_peft_model(wrap_quiet(make_lm(), None, fresh_mode), LoraConfig(
         r=8, target_modules=[*TARGETS, "lm_head"]))
     set_peft_model_state_dict(fresh, adapters)
     tokens = torch.randint(0, 64, (2, 8))

@@ -30,7 +30,7 @@ def test_frozen_modes_swap_layers_freeze_weights_and_warn(mode: str) -> None:
     with pytest.warns(mixprec.MixprecWarning, match=(
             rf"Mode '{mode}' froze 5 Linear weights that required grad \(blocks.0.up.weight, "
             r".*lm_head.weight\): quantized weights cannot train. Train LoRA adapters")):
-        wrapped, wopt = mixprec.wrap(model, opt, mode)
+        wrapped, wopt = mixprec.wrap(model, opt, mode, quantize_lm_head=True)
     cls = QuantLinear4bit if mode in FOUR_BIT else QuantLinear8bit
     assert _linear_names(wrapped, cls) == LINEARS
     assert _linear_names(wrapped, torch.nn.Linear) == LINEARS  # still Linear subclasses
@@ -99,7 +99,7 @@ def test_no_warning_when_nothing_that_trained_is_frozen() -> None:
 def test_int8_training_keeps_trainable_half_weights_in_the_optimizer() -> None:
     model = make_lm()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    wrapped, wopt = mixprec.wrap(model, opt, "int8-training")
+    wrapped, wopt = mixprec.wrap(model, opt, "int8-training", quantize_lm_head=True)
     layer = wrapped.blocks[0].up
     assert isinstance(layer, QuantLinear8bit)
     assert layer.weight.dtype == torch.bfloat16 and layer.weight.requires_grad
@@ -269,7 +269,8 @@ def test_ignore_modules_by_prefix_and_glob() -> None:
     assert ("left in full precision (ignore_modules): blocks.0.down, blocks.1.down, lm_head"
             in wrapped.precision.summary)
     # a parent's name selects everything inside it; a partial name selects nothing
-    wrapped = wrap_quiet(make_lm(), None, BitsandbytesMode("nf4", ignore_modules="blocks.0"))
+    wrapped = wrap_quiet(make_lm(), None, BitsandbytesMode("nf4", ignore_modules="blocks.0",
+                                                           quantize_lm_head=True))
     assert _linear_names(wrapped, QuantLinear4bit) == ["blocks.1.up", "blocks.1.down", "lm_head"]
     with pytest.raises(WrapError, match=r"pattern 'lm_hea' matches no module of the model; "
                                         r"did you mean 'lm_head'\?"):
@@ -285,14 +286,15 @@ def _snapshot(model: torch.nn.Module) -> list[tuple[str, type, int, torch.dtype,
     ("mode", "make", "error", "message"),
     [
         (BitsandbytesMode("nf4", ignore_modules=["lm_head", "blocks"]), make_lm, WrapError,
-         r"found no torch.nn.Linear layer to quantize \(all 5 are excluded: ignore_modules, tied "
-         r"weights, subclasses or empty layers\)"),
+         r"found no torch.nn.Linear layer to quantize \(all 5 are excluded: ignore_modules, the "
+         r"output layer \(quantize_lm_head=True quantizes it\), tied weights, subclasses, empty "
+         r"layers or \(int8-training\) Conv1D layers\)"),
         ("nf4", lambda: torch.nn.Sequential(torch.nn.LayerNorm(4)), WrapError,
          r"found no torch.nn.Linear layer to quantize \(it has none\); wrap the model in a mode"),
         ("int8", lambda: torch.nn.Linear(8, 8), WrapError,
          r"The model itself is a Linear, which cannot be replaced in place"),
         ("nf4", lambda: torch.nn.Sequential(Linear4bit(8, 8)), WrapError,
-         r"Layer '0' is already a bitsandbytes Linear4bit not made by mixprec"),
+         r"Layer '0' is a bitsandbytes Linear4bit without quantized weights"),
     ],
 )
 def test_predictable_errors_come_before_any_change(mode: object, make: object, error: type,
@@ -347,7 +349,7 @@ def test_a_linear_tied_to_the_embedding_stays_full_precision() -> None:
     model = make_lm()
     model.lm_head.weight = model.emb.weight
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    wrapped, wopt = wrap_quiet(model, opt, "nf4-dq+adamw8bit")
+    wrapped, wopt = wrap_quiet(model, opt, "nf4-dq+adamw8bit", quantize_lm_head=True)
     assert type(wrapped.lm_head) is torch.nn.Linear
     assert wrapped.lm_head.weight is wrapped.emb.weight and wrapped.emb.weight.requires_grad
     assert ("left in full precision (weight tied to another module, e.g. the embedding): "
