@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -198,6 +199,7 @@ class BitsandbytesOptimizer(mixprec.OptimizerMode):
                     if config.get("optim_bits") == 32:
                         chosen.append(name)
         new.mng = manager
+        _steps_count_for(optimizer, new)
 
         params = [p for g in new.param_groups for p in g["params"]]
         small = [p for p in params if p.numel() < self.min_8bit_size]
@@ -214,3 +216,21 @@ class BitsandbytesOptimizer(mixprec.OptimizerMode):
                          "keep 32-bit state (min_8bit_size)")
         return new, lines
 
+
+
+def _steps_count_for(user: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
+    """Each step of ``new`` counts as a step of the user's optimizer it replaces.
+
+    An LR scheduler built on the user's optimizer before ``wrap`` wraps that object's
+    ``step`` to note that it ran (torch's ``_opt_called``) and otherwise warns
+    "lr_scheduler.step() before optimizer.step()" in a correct loop. A weak reference:
+    the user's optimizer is not kept alive for this.
+    """
+    ref = weakref.ref(user)
+
+    def mark(_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        target = ref()
+        if target is not None:
+            target._opt_called = True  # type: ignore[attr-defined]
+
+    new.register_step_post_hook(mark)

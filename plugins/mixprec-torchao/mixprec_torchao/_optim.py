@@ -2,14 +2,15 @@
 ``ao-adamw-fp8``.
 
 The user's ``torch.optim.AdamW`` (or ``Adam`` without L2 weight decay) is replaced
-by torchao's low-bit AdamW holding the same parameters in the same groups, with
-the hyper-parameters and any existing state carried over.
+by torchao's low-bit AdamW holding the same parameters in the user's own group
+dicts, with the hyper-parameters and any existing state carried over.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -142,9 +143,14 @@ class LowBitAdamW(mixprec.OptimizerMode):
     ) -> tuple[torch.optim.Optimizer, list[str]]:
         defaults = optimizer.defaults
         cls = _lowbit_class(self._base)
-        groups = [_carry_group(g) for g in optimizer.param_groups]
+        dropped = sorted({k for g in optimizer.param_groups for k in _TORCH_ONLY
+                          if k in g and g[k] not in (None, False) and k != "decoupled_weight_decay"})
+        for group in optimizer.param_groups:
+            _carry_group(group)
+        # The user's group dicts themselves (as the core and mixprec-bnb keep them): an LR
+        # scheduler built on the optimizer before wrap writes its rates into these dicts.
         new = cls(
-            groups,
+            optimizer.param_groups,
             lr=_scalar(defaults.get("lr", 1e-3)),
             betas=tuple(_scalar(b) for b in defaults.get("betas", (0.9, 0.999))),
             eps=_scalar(defaults.get("eps", 1e-8)),
@@ -154,6 +160,7 @@ class LowBitAdamW(mixprec.OptimizerMode):
             bf16_stochastic_round=self.bf16_stochastic_round,
         )
         carried = _carry_state(optimizer, new)
+        _steps_count_for(optimizer, new)
 
         params = [p for g in new.param_groups for p in g["params"]]
         small = [p for p in params if not _quantized(p, self.block_size)]
@@ -170,8 +177,6 @@ class LowBitAdamW(mixprec.OptimizerMode):
                 f"fp32 state for {len(small)} tensors under {MIN_QUANTIZED_NUMEL} elements or "
                 f"not a multiple of block_size {self.block_size}: {shown}"
             )
-        dropped = sorted({k for g in optimizer.param_groups for k in _TORCH_ONLY
-                          if k in g and g[k] not in (None, False) and k != "decoupled_weight_decay"})
         if dropped:
             lines.append(f"not carried (torchao compiles its own fused step): {', '.join(dropped)}")
         if carried:
@@ -184,14 +189,34 @@ def _scalar(value: Any) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
-def _carry_group(group: Mapping[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in group.items() if k not in _TORCH_ONLY}
-    out["params"] = list(group["params"])
-    out["lr"] = _scalar(group["lr"])
-    out["betas"] = tuple(_scalar(b) for b in group["betas"])
-    out["eps"] = _scalar(group["eps"])
-    out["weight_decay"] = _scalar(group["weight_decay"])
-    return out
+def _carry_group(group: dict[str, Any]) -> None:
+    """Make the user's group dict one torchao steps, in place (a scheduler holding it keeps
+    working): torch-only keys dropped, hyper-parameters as Python floats (torchao turns
+    ``lr`` into a tensor). ``wrap`` restores the dict if it fails later."""
+    for key in _TORCH_ONLY:
+        group.pop(key, None)
+    group["lr"] = _scalar(group["lr"])
+    group["betas"] = tuple(_scalar(b) for b in group["betas"])
+    group["eps"] = _scalar(group["eps"])
+    group["weight_decay"] = _scalar(group["weight_decay"])
+
+
+def _steps_count_for(user: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
+    """Each step of ``new`` counts as a step of the user's optimizer it replaces.
+
+    An LR scheduler built on the user's optimizer before ``wrap`` wraps that object's
+    ``step`` to note that it ran (torch's ``_opt_called``) and otherwise warns
+    "lr_scheduler.step() before optimizer.step()" in a correct loop. A weak reference:
+    the user's optimizer is not kept alive for this.
+    """
+    ref = weakref.ref(user)
+
+    def mark(_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        target = ref()
+        if target is not None:
+            target._opt_called = True  # type: ignore[attr-defined]
+
+    new.register_step_post_hook(mark)
 
 
 def _quantized(p: torch.Tensor, block_size: int) -> bool:

@@ -1,0 +1,47 @@
+"""Integrity at the seams between the user's objects and bitsandbytes: LR schedulers
+built before or after wrap, output dtypes, layers materialized without weights,
+GlobalOptimManager overrides made after wrap, Adam's L2 weight decay, complex
+parameters, what the summary names."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import make_lm, train
+
+import mixprec
+
+EARLY = "lr_scheduler.step()` before `optimizer.step()`"
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize(("mode", "torch_cls"), [("adamw8bit", torch.optim.AdamW),
+                                                 ("adam8bit", torch.optim.Adam)])
+def test_an_lr_scheduler_built_before_or_after_wrap_steers_the_learning_rate(mode, torch_cls,
+                                                                            when):
+    model = make_lm()
+    opt = torch_cls(model.parameters(), lr=3e-3)
+    groups = list(opt.param_groups)
+    # lr 3e-3 for the first step, then 0: a step at lr 0 leaves Adam's weights as they are
+    schedule = lambda step: 1.0 if step == 0 else 0.0  # noqa: E731
+    if when == "before":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    model, opt = mixprec.wrap(model, opt, f"32-true+{mode}")
+    if when == "after":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = [p.detach().clone() for p in model.parameters()]
+        train(model, opt, 1)
+        scheduler.step()
+        moved = [p.detach().clone() for p in model.parameters()]
+        assert any(not torch.equal(a, b) for a, b in zip(first, moved))
+        assert opt.param_groups[0]["lr"] == 0.0 == scheduler.get_last_lr()[0]
+        train(model, opt, 1, start=1)
+        scheduler.step()
+    for a, b in zip(moved, model.parameters()):
+        assert torch.equal(a, b), "the step ran with a learning rate other than the scheduler's"
+    assert not [str(w.message) for w in caught if EARLY in str(w.message)]
+    assert all(a is b for a, b in zip(opt.param_groups, groups))  # the user's dicts

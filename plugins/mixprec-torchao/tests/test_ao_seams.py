@@ -1,0 +1,44 @@
+"""Integrity at the seams between the user's objects and torchao's optimizers: LR
+schedulers built before or after wrap, complex parameters."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import make_wide, train_wide
+
+import mixprec
+
+OPTIM_MODES = ["ao-adamw8bit", "ao-adamw4bit", "ao-adamw-fp8"]
+EARLY = "lr_scheduler.step()` before `optimizer.step()`"
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("mode", OPTIM_MODES)
+def test_an_lr_scheduler_built_before_or_after_wrap_steers_the_learning_rate(mode, when):
+    model = make_wide()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    groups = list(opt.param_groups)
+    # lr 3e-3 for the first step, then 0: a step at lr 0 leaves AdamW's weights as they are
+    schedule = lambda step: 1.0 if step == 0 else 0.0  # noqa: E731
+    if when == "before":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    model, opt = mixprec.wrap(model, opt, f"32-true+{mode}")
+    if when == "after":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = [p.detach().clone() for p in model.parameters()]
+        train_wide(model, opt, 1)
+        scheduler.step()
+        moved = [p.detach().clone() for p in model.parameters()]
+        assert any(not torch.equal(a, b) for a, b in zip(first, moved))
+        assert float(opt.param_groups[0]["lr"]) == 0.0 == float(scheduler.get_last_lr()[0])
+        train_wide(model, opt, 1, start=1)
+        scheduler.step()
+    for a, b in zip(moved, model.parameters()):
+        assert torch.equal(a, b), "the step ran with a learning rate other than the scheduler's"
+    assert not [w for w in caught if EARLY in str(w.message)]
+    assert all(a is b for a, b in zip(opt.param_groups, groups))  # the user's dicts
