@@ -18,14 +18,25 @@ if TYPE_CHECKING:
     from ._wrapper import PrecisionWrapper
 
 __all__ = ["WrappedModule", "check_forward_methods", "check_not_wrapped", "is_wrapped",
-           "split_compiled"]
+           "split_compiled", "uncompiled"]
 
 #: Inner modules currently wrapped (weak: a deleted model leaves the set).
 _WRAPPED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 
+def uncompiled(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside ``torch.compile``'s ``OptimizedModule`` (however many times
+    compiled), else ``module`` itself."""
+    cls = compiled_module_class()
+    while cls is not None and isinstance(module, cls):
+        module = module._orig_mod
+    return module
+
+
 def is_wrapped(module: torch.nn.Module) -> bool:
-    """True if ``module`` is a wrapped module or the inside of one."""
+    """True if ``module`` is a wrapped module or the inside of one, also once compiled
+    with ``torch.compile`` (``torch.compile(wrapped)``)."""
+    module = uncompiled(module)
     return isinstance(module, WrappedModule) or module in _WRAPPED
 
 
@@ -40,13 +51,8 @@ def split_compiled(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mo
     calls the compiled one. A compiled *wrapped* module is left as it is (``wrap``
     refuses it).
     """
-    cls = compiled_module_class()
-    if cls is None or not isinstance(model, cls):
-        return model, None
-    inner = model
-    while isinstance(inner, cls):  # torch.compile(torch.compile(model))
-        inner = inner._orig_mod
-    if is_wrapped(inner):
+    inner = uncompiled(model)
+    if inner is model or is_wrapped(inner):
         return model, None
     return inner, model
 

@@ -19,6 +19,7 @@ from ._module import (
     check_forward_methods,
     check_not_wrapped,
     split_compiled,
+    uncompiled,
 )
 from ._optimizer import WrappedOptimizer
 from ._optimizers import OptimizerSet, wrap_several
@@ -779,12 +780,15 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
     Where the mode keeps fp32 masters the parameters get the master values (the
     module becomes fp32). The wrapper is finished afterwards: keep training with
-    a new ``wrap``. A module that is not wrapped is returned as it is.
+    a new ``wrap``. A compiled wrapped module (``torch.compile(wrapped)``) gives the
+    plain module too (compile it again for the next run). A module that is not wrapped
+    is returned as it is.
     """
-    if not isinstance(model, WrappedModule):
+    wrapped = uncompiled(model)
+    if not isinstance(wrapped, WrappedModule):
         return model
-    precision = model.precision
-    inner = model.module
+    precision = wrapped.precision
+    inner = wrapped.module
     if precision.masters is not None:
         precision.masters.move_to_model()
         precision.masters = None
