@@ -70,7 +70,9 @@ class BitsandbytesMode(mixprec.PrecisionMode):
     trainable 16-bit weights and multiplies in int8. Everything that is not a
     quantized Linear weight (biases, norms, embeddings, excluded layers) is left
     as it is: its dtype, device and trainability do not change. A quantized
-    layer casts its input to ``dtype`` and returns the input's dtype.
+    layer casts its input to ``dtype`` and returns the input's dtype; the model's
+    outputs come back in fp32 (``keep_output_dtype=True`` keeps the forward's dtype),
+    as in every other 16/8-bit mode.
 
     The model's output layer (``lm_head``) stays in full precision unless
     ``quantize_lm_head=True``, as transformers keeps it for bitsandbytes.
@@ -106,6 +108,8 @@ class BitsandbytesMode(mixprec.PrecisionMode):
         output layer is what ``model.get_output_embeddings()`` returns where the model
         has that method (transformers, and peft models through it), else the modules
         named ``lm_head`` (``base_model.model.lm_head`` too).
+    :param keep_output_dtype: return the model's floating-point outputs in the dtype the
+        forward produced them (bf16/fp16 for a model built in 16 bits) instead of fp32.
     """
 
     def __init__(
@@ -118,6 +122,7 @@ class BitsandbytesMode(mixprec.PrecisionMode):
         quant_storage: str | torch.dtype | None = None,
         master_weights: bool | None = None,
         quantize_lm_head: bool = False,
+        keep_output_dtype: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ModeOptionError(
@@ -163,6 +168,7 @@ class BitsandbytesMode(mixprec.PrecisionMode):
         self.master_weights = bool(master_weights)
         self._auto_masters = master_weights is None and self.trainable
         self.quantize_lm_head = check_bool(quantize_lm_head, "quantize_lm_head")
+        self.keep_output_dtype = check_bool(keep_output_dtype, "keep_output_dtype")
         self._options = {
             "dtype": None if dtype is None else dtype_name(self.dtype),  # type: ignore[arg-type]
             "ignore_modules": list(self.ignore_modules) or None,
@@ -170,6 +176,7 @@ class BitsandbytesMode(mixprec.PrecisionMode):
             "quant_storage": None if quant_storage is None else dtype_name(self.quant_storage),
             "master_weights": True if master_weights else None,
             "quantize_lm_head": True if self.quantize_lm_head else None,
+            "keep_output_dtype": True if self.keep_output_dtype else None,
         }
         self.compute_dtype: torch.dtype | None = self.dtype
 
@@ -482,6 +489,14 @@ class BitsandbytesMode(mixprec.PrecisionMode):
         return (f"quantized {layers} Linear layers ({what}; compute "
                 f"{dtype_name(config.compute_dtype)}): {weights:,} weights in {per_weight:,} "
                 f"bytes ({ratio:.4f} B/weight){books}")
+
+    def convert_output(self, data: Any) -> Any:
+        """bf16/fp16 outputs in fp32 (``keep_output_dtype=True``: as the forward made them),
+        as the core's 16-bit modes return them; fp32 and fp64 outputs stay as they are."""
+        if self.keep_output_dtype:
+            return data
+        return mixprec.apply_to_float_tensors(
+            data, lambda t: t.float() if t.dtype in (torch.bfloat16, torch.float16) else t)
 
     def init_context(self, device: torch.device | str | None = None
                      ) -> contextlib.AbstractContextManager[None]:

@@ -39,13 +39,14 @@ def _precision_factory(name: str) -> Callable[..., BitsandbytesMode]:
     def factory(
         *, dtype: Any = None, ignore_modules: str | Iterable[str] = (),
         blocksize: int | None = None, quant_storage: Any = None, master_weights: bool | None = None,
-        quantize_lm_head: bool = False,
+        quantize_lm_head: bool = False, keep_output_dtype: bool = False,
     ) -> BitsandbytesMode:
         from ._precision import BitsandbytesMode
 
         return BitsandbytesMode(name, dtype=dtype, ignore_modules=ignore_modules,
                                 blocksize=blocksize, quant_storage=quant_storage,
-                                master_weights=master_weights, quantize_lm_head=quantize_lm_head)
+                                master_weights=master_weights, quantize_lm_head=quantize_lm_head,
+                                keep_output_dtype=keep_output_dtype)
 
     factory.__name__ = f"{name.replace('-', '_')}_factory"
     return factory

@@ -29,6 +29,10 @@ CASES = [
      r"Option blocksize must be an integer >= 32 and <= 4096, got nan\."),
     (BitsandbytesMode, "nf4", {"blocksize": 100},
      r"blocksize=100 is not supported by bitsandbytes; use one of 32, 64, 128"),
+    (BitsandbytesMode, "nf4", {"keep_output_dtype": "yes"},
+     r"Option keep_output_dtype " + BOOL.format("yes")),
+    (BitsandbytesMode, "int8", {"keep_output_dtype": 0},
+     r"Option keep_output_dtype " + BOOL.format(0)),
     (BitsandbytesOptimizer, "adamw8bit", {"min_8bit_size": -1},
      r"Option min_8bit_size must be an integer >= 0, got -1\."),
     (BitsandbytesOptimizer, "adamw8bit", {"min_8bit_size": 4096.5},
@@ -52,6 +56,7 @@ def test_boolean_and_numeric_options_are_typed(cls, mode, options, message):
     ("int8-training", {"master_weights": "False"}, r"Option master_weights "
                                                    + BOOL.format("False")),
     ("nf4", {"blocksize": "128"}, r"Option blocksize must be an integer >= 32"),
+    ("nf4", {"keep_output_dtype": "no"}, r"Option keep_output_dtype " + BOOL.format("no")),
 ])
 def test_string_modes_refuse_untyped_options_before_anything_changes(mode, options, message):
     model = make_lm()
@@ -71,4 +76,5 @@ def test_typed_options_take_real_values():
     assert BitsandbytesMode("int8-training", master_weights=True).master_weights is True
     assert BitsandbytesMode("nf4", blocksize=128).blocksize == 128
     assert BitsandbytesMode("nf4", blocksize=128).options() == {"blocksize": 128}
+    assert BitsandbytesMode("nf4", keep_output_dtype=True).options() == {"keep_output_dtype": True}
     assert BitsandbytesOptimizer("adamw8bit", min_8bit_size=0).min_8bit_size == 0

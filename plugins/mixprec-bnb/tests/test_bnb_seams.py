@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_lm, train
+from conftest import make_lm, train, wrap_quiet
 
 import mixprec
 
@@ -45,3 +45,22 @@ def test_an_lr_scheduler_built_before_or_after_wrap_steers_the_learning_rate(mod
         assert torch.equal(a, b), "the step ran with a learning rate other than the scheduler's"
     assert not [str(w.message) for w in caught if EARLY in str(w.message)]
     assert all(a is b for a, b in zip(opt.param_groups, groups))  # the user's dicts
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["nf4", "fp4-dq", "int8", "int8-training"])
+def test_outputs_come_back_in_fp32_unless_keep_output_dtype(mode, dtype):
+    """As every other 16/8-bit mode: outputs in fp32 by default, the forward's own dtype
+    with keep_output_dtype=True (the values are the same; only the dtype differs)."""
+    outputs = {}
+    for keep in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(),
+                                    torch.nn.Linear(64, 32)).to(dtype)
+        model = wrap_quiet(model, None, mode, keep_output_dtype=keep) if keep else \
+            wrap_quiet(model, None, mode)
+        x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+        outputs[keep] = model(x)
+    assert outputs[False].dtype is torch.float32
+    assert outputs[True].dtype is dtype
+    assert torch.equal(outputs[False], outputs[True].float())
