@@ -390,7 +390,13 @@ class QuantLinear8bit(Linear8bitLt):
 
     @property
     def is_quantized(self) -> bool:
-        return self.weight.device.type != "meta"
+        """True once the layer holds its weights: int8 values with their row scales
+        (``SCB``), or for ``int8-training`` the 16-bit weights. A layer built on ``meta``
+        holds none, also after ``to_empty()`` (memory, but no int8 weights or scales)
+        until a state dict is loaded."""
+        if self.weight.device.type == "meta":
+            return False
+        return self.config.trainable or getattr(self.weight, "SCB", None) is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_quantized:

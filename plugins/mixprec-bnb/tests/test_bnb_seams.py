@@ -6,12 +6,15 @@ parameters, what the summary names."""
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import pytest
 import torch
 from conftest import make_lm, train, wrap_quiet
 
 import mixprec
+from mixprec.exceptions import WrapError
+from mixprec.testing import seeded
 
 EARLY = "lr_scheduler.step()` before `optimizer.step()`"
 
@@ -64,3 +67,32 @@ def test_outputs_come_back_in_fp32_unless_keep_output_dtype(mode, dtype):
     assert outputs[False].dtype is torch.float32
     assert outputs[True].dtype is dtype
     assert torch.equal(outputs[False], outputs[True].float())
+
+
+def _built_on_meta_then_to_empty(mode: str) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
+    reference = seeded(lambda: torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(),
+                                                   torch.nn.Linear(64, 32)))
+    with mixprec.init_module(mode, device="meta") as precision:
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(),
+                                    torch.nn.Linear(64, 32))
+    model.to_empty(device="cpu")  # materialized, but no weights were loaded
+    return model, reference, precision
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_a_layer_materialized_without_weights_is_a_clear_error(mode):
+    model, reference, precision = _built_on_meta_then_to_empty(mode)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    kind = "int8" if mode == "int8" else "4-bit"
+    with pytest.raises(RuntimeError, match=rf"This {kind} layer holds no weights yet \(it was "
+                                           r"built on the meta device\); load a state dict"):
+        model(x)
+    with pytest.raises(WrapError, match=r"Layer '0' has no weights yet \(built on meta\); load "
+                                        r"a state dict"):
+        precision.wrap(model)
+    assert not mixprec.is_wrapped(model)
+    # loading the weights is the fix: the layers quantize them, and the model runs
+    model.load_state_dict(reference.state_dict())
+    wrapped = precision.wrap(model)
+    expected = wrap_quiet(reference, None, mode)(x)
+    assert torch.equal(wrapped(x), expected)
