@@ -10,7 +10,7 @@ import torch
 
 import mixprec
 from mixprec.exceptions import ModeOptionError, UnsupportedDeviceError, WrapError
-from mixprec.utils import check_number, match_module, normalize_patterns
+from mixprec.utils import check_number, match_module, normalize_patterns, warn_user
 
 from ._deps import require_bitsandbytes
 
@@ -178,27 +178,17 @@ class BitsandbytesOptimizer(mixprec.OptimizerMode):
         # The user's group dicts themselves: a scheduler built on them keeps working.
         new = cls(optimizer.param_groups, **defaults, min_8bit_size=self.min_8bit_size)
 
-        # A GlobalOptimManager for this optimizer only (see the class docstring).
+        # A GlobalOptimManager for this optimizer only (see the class docstring), filled
+        # before every step by _StepConfig.
         manager = GlobalOptimManager.__new__(GlobalOptimManager)
         manager.initialize()
-        shared = GlobalOptimManager.get_instance()
-        by_identity = {id(getattr(m, attr, None)): config
-                       for m, attr, config in shared.module_weight_config_triple}
-        overridden = self._overridden_names(module)
-        names_by_id = {id(p): n for p, n in param_names.items()}
-        chosen: list[str] = []
-        for group in new.param_groups:
-            for p in group["params"]:
-                config: dict[str, Any] = dict(by_identity.get(id(p), {}))
-                name = names_by_id.get(id(p), "?")
-                if name in overridden:
-                    config["optim_bits"] = 32
-                if config:
-                    manager.pid2config[id(p)] = config
-                    manager.uses_config_override = True
-                    if config.get("optim_bits") == 32:
-                        chosen.append(name)
         new.mng = manager
+        overridden = self._overridden_names(module)
+        step_config = _StepConfig(new, module, param_names, overridden)
+        step_config.refresh(new, warn=False)
+        new.register_step_pre_hook(lambda opt, _args, _kwargs: step_config.refresh(opt))
+        chosen = [step_config.name(p) for g in new.param_groups for p in g["params"]
+                  if manager.pid2config.get(id(p), {}).get("optim_bits") == 32]
         _steps_count_for(optimizer, new)
 
         params = [p for g in new.param_groups for p in g["params"]]
@@ -216,6 +206,81 @@ class BitsandbytesOptimizer(mixprec.OptimizerMode):
                          "keep 32-bit state (min_8bit_size)")
         return new, lines
 
+
+class _StepConfig:
+    """What bitsandbytes reads for each tensor it steps (its ``pid2config``), worked out
+    again before every step, so that what the user registers after ``wrap`` counts.
+
+    Sources: the parameters of ``optim_32bit_modules`` (32-bit state), and bitsandbytes'
+    process-wide ``GlobalOptimManager``: overrides registered there with
+    ``register_module_override`` (Lightning's docs make them after the optimizer
+    exists; ``StableEmbedding`` makes them when built). bitsandbytes itself reads those
+    only at its first step and only for tensors it holds itself; here they also reach
+    the fp32 masters of a module's parameters (matched through the parameter's name) and
+    the step copies ``16-true`` gives the optimizer (matched by position). An
+    ``optim_bits`` override that comes after a tensor's state exists cannot change that
+    state: a ``MixprecWarning`` says so, once per tensor.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, module: torch.nn.Module,
+                 param_names: Mapping[torch.Tensor, str], overridden: Mapping[str, str]) -> None:
+        names_by_id = {id(p): n for p, n in param_names.items()}
+        model_params = dict(module.named_parameters(remove_duplicate=False))
+        #: per group, the tensors the optimizer held at wrap (the masters where there are):
+        #: inside a step the lists may hold step copies instead
+        self.held = [list(g["params"]) for g in optimizer.param_groups]
+        self.names = {id(p): names_by_id.get(id(p), "?") for ps in self.held for p in ps}
+        #: optimizer tensor id -> the model's parameter of the same name, where they differ
+        self.model_param = {id(p): model_params[n] for ps in self.held for p in ps
+                            if (n := self.names[id(p)]) in model_params
+                            and model_params[n] is not p}
+        self.wide = {id(p) for ps in self.held for p in ps if self.names[id(p)] in overridden}
+        self.warned: set[int] = set()
+
+    def name(self, p: torch.Tensor) -> str:
+        return self.names.get(id(p), f"a tensor of shape {tuple(p.shape)}")
+
+    def _held(self, group_index: int, index: int, p: torch.Tensor) -> torch.Tensor:
+        """The tensor held at wrap in this place (``p`` unless ``p`` is a step copy)."""
+        if group_index < len(self.held) and index < len(self.held[group_index]):
+            held = self.held[group_index][index]
+            if held is p or (held.shape == p.shape and id(p) not in self.names):
+                return held
+        return p
+
+    def refresh(self, optimizer: torch.optim.Optimizer, warn: bool = True) -> None:
+        from bitsandbytes.optim import GlobalOptimManager
+
+        by_tensor: dict[int, dict[str, Any]] = {}
+        for owner, attr, config in GlobalOptimManager.get_instance().module_weight_config_triple:
+            tensor = getattr(owner, attr, None)
+            if tensor is not None:
+                by_tensor[id(tensor)] = config  # a later registration wins, as in bitsandbytes
+        pid2config: dict[int, dict[str, Any]] = {}
+        for group_index, group in enumerate(optimizer.param_groups):
+            for index, p in enumerate(group["params"]):
+                held = self._held(group_index, index, p)
+                source = self.model_param.get(id(held))
+                config = dict(by_tensor.get(id(held))
+                              or (by_tensor.get(id(source), {}) if source is not None else {}))
+                if id(held) in self.wide:
+                    config["optim_bits"] = 32
+                if not config:
+                    continue
+                pid2config[id(p)] = config
+                state = optimizer.state.get(p)
+                if (warn and config.get("optim_bits") == 32 and state
+                        and state["state1"].dtype is torch.uint8 and id(held) not in self.warned):
+                    self.warned.add(id(held))
+                    warn_user(
+                        f"{self.name(held)} already has 8-bit Adam state, so the bitsandbytes "
+                        "override {'optim_bits': 32} registered for it after its first step "
+                        "does not change it; register overrides before the first opt.step() "
+                        "(or wrap a fresh optimizer and load the checkpoint)."
+                    )
+        manager = optimizer.mng  # type: ignore[attr-defined]
+        manager.pid2config = pid2config
+        manager.uses_config_override = bool(pid2config)
 
 
 def _steps_count_for(user: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:

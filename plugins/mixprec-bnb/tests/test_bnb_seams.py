@@ -96,3 +96,41 @@ def test_a_layer_materialized_without_weights_is_a_clear_error(mode):
     wrapped = precision.wrap(model)
     expected = wrap_quiet(reference, None, mode)(x)
     assert torch.equal(wrapped(x), expected)
+
+
+def _state_bits(opt: Any, param: torch.Tensor) -> int:
+    state = opt.state[param]["state1"]
+    return 8 if state.dtype is torch.uint8 else 32
+
+
+@pytest.mark.parametrize("mode", ["32-true+adamw8bit", "bf16-true[master_weights=true]+adam8bit",
+                                  "16-true+adamw8bit"])
+def test_a_global_optim_manager_override_made_after_wrap_is_honoured(mode,
+                                                                    global_optim_manager):
+    """Lightning's docs register the override after the optimizer exists: the 8-bit modes
+    read bitsandbytes' process-wide overrides at each step (for the fp32 masters too)."""
+    model = make_lm()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, opt = wrap_quiet(model, opt, mode)
+    global_optim_manager.register_module_override(model.blocks[0].up, "weight",
+                                                  {"optim_bits": 32})
+    train(model, opt, 2)
+    held = {opt.precision.param_name(p): p for g in opt.param_groups for p in g["params"]}
+    assert _state_bits(opt, held["blocks.0.up.weight"]) == 32  # the override
+    assert _state_bits(opt, held["blocks.1.up.weight"]) == 8  # the same shape, no override
+    assert _state_bits(opt, held["emb.weight"]) == 32  # optim_32bit_modules (Embedding)
+
+
+def test_an_override_after_the_first_step_warns_that_the_state_stays_8_bit(global_optim_manager):
+    model = make_lm()
+    model, opt = mixprec.wrap(model, torch.optim.AdamW(model.parameters()), "32-true+adamw8bit")
+    train(model, opt, 1)
+    global_optim_manager.register_module_override(model.blocks[0].up, "weight",
+                                                  {"optim_bits": 32})
+    with pytest.warns(mixprec.MixprecWarning, match=r"blocks\.0\.up\.weight already has 8-bit "
+                                                    r"Adam state"):
+        train(model, opt, 1, start=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        train(model, opt, 1, start=2)
+    assert _state_bits(opt, model.blocks[0].up.weight) == 8
