@@ -29,7 +29,11 @@ class BitsandbytesOptimizer(mixprec.OptimizerMode):
     """Replace the user's ``torch.optim.Adam``/``AdamW`` by bitsandbytes' 8-bit Adam.
 
     Same parameter groups (the group dicts themselves, so schedulers keep
-    working), same learning rates, betas, eps and weight decay. Adam's state is
+    working), same learning rates, betas, eps and weight decay, with the weight-decay
+    rule of the torch optimizer replaced: ``torch.optim.Adam`` adds
+    ``weight_decay * p`` to the gradient (L2) before the 8-bit step, as torch does
+    (bitsandbytes itself only decays decoupled), while ``AdamW`` (and ``Adam`` with
+    ``decoupled_weight_decay=True``) decays the weights. Adam's state is
     kept in 8 bits (blockwise, 256 values per block) except for the parameters
     of ``optim_32bit_modules`` (every ``torch.nn.Embedding`` by default) and
     tensors smaller than ``min_8bit_size``, which keep 32-bit state.
@@ -125,13 +129,6 @@ class BitsandbytesOptimizer(mixprec.OptimizerMode):
                     f"bitsandbytes 8-bit Adam takes float hyper-parameters, but {where} has a "
                     "tensor lr or betas; pass Python floats."
                 )
-            if group["weight_decay"] and not group.get("decoupled_weight_decay",
-                                                      type(optimizer) is torch.optim.AdamW):
-                raise WrapError(
-                    f"torch.optim.Adam adds weight_decay={group['weight_decay']} to the gradient "
-                    f"(L2, {where}), but bitsandbytes' 8-bit Adam only decays weights decoupled, "
-                    "as AdamW does; use torch.optim.AdamW (and '+adamw8bit') or weight_decay=0."
-                )
         if self.paged and device.type != "cuda":
             raise UnsupportedDeviceError(
                 f"Optimizer mode {self.name!r} pages its state through CUDA unified memory "
@@ -184,9 +181,11 @@ class BitsandbytesOptimizer(mixprec.OptimizerMode):
         manager.initialize()
         new.mng = manager
         overridden = self._overridden_names(module)
-        step_config = _StepConfig(new, module, param_names, overridden)
+        step_config = _StepConfig(new, module, param_names, overridden,
+                                  decoupled=type(optimizer) is torch.optim.AdamW)
         step_config.refresh(new, warn=False)
-        new.register_step_pre_hook(lambda opt, _args, _kwargs: step_config.refresh(opt))
+        new.register_step_pre_hook(step_config.before_step)
+        new.register_step_post_hook(step_config.after_step)
         chosen = [step_config.name(p) for g in new.param_groups for p in g["params"]
                   if manager.pid2config.get(id(p), {}).get("optim_bits") == 32]
         _steps_count_for(optimizer, new)
@@ -220,10 +219,22 @@ class _StepConfig:
     the step copies ``16-true`` gives the optimizer (matched by position). An
     ``optim_bits`` override that comes after a tensor's state exists cannot change that
     state: a ``MixprecWarning`` says so, once per tensor.
+
+    Groups with L2 weight decay (those of a ``torch.optim.Adam`` without
+    ``decoupled_weight_decay``) get ``weight_decay=0`` here, so bitsandbytes does not
+    decay the weights, and for the step each gradient is replaced by
+    ``grad + weight_decay * p``, exactly torch's Adam; the gradient tensors themselves
+    are put back after the step, unchanged.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, module: torch.nn.Module,
-                 param_names: Mapping[torch.Tensor, str], overridden: Mapping[str, str]) -> None:
+                 param_names: Mapping[torch.Tensor, str], overridden: Mapping[str, str],
+                 decoupled: bool) -> None:
+        #: how a group without a ``decoupled_weight_decay`` key decays (the torch class's rule)
+        self.decoupled = decoupled
+        #: (tensor, L2 coefficient) for the next step, and the gradients lent out for it
+        self.l2: list[tuple[torch.Tensor, float]] = []
+        self.lent: list[tuple[torch.Tensor, torch.Tensor]] = []
         names_by_id = {id(p): n for p, n in param_names.items()}
         model_params = dict(module.named_parameters(remove_duplicate=False))
         #: per group, the tensors the optimizer held at wrap (the masters where there are):
@@ -257,7 +268,9 @@ class _StepConfig:
             if tensor is not None:
                 by_tensor[id(tensor)] = config  # a later registration wins, as in bitsandbytes
         pid2config: dict[int, dict[str, Any]] = {}
+        self.l2 = []
         for group_index, group in enumerate(optimizer.param_groups):
+            l2 = not group.get("decoupled_weight_decay", self.decoupled)
             for index, p in enumerate(group["params"]):
                 held = self._held(group_index, index, p)
                 source = self.model_param.get(id(held))
@@ -265,6 +278,11 @@ class _StepConfig:
                               or (by_tensor.get(id(source), {}) if source is not None else {}))
                 if id(held) in self.wide:
                     config["optim_bits"] = 32
+                if l2:
+                    coefficient = float(config.get("weight_decay", group["weight_decay"]))
+                    if coefficient:
+                        self.l2.append((p, coefficient))
+                        config["weight_decay"] = 0.0  # decayed through the gradient instead
                 if not config:
                     continue
                 pid2config[id(p)] = config
@@ -281,6 +299,22 @@ class _StepConfig:
         manager = optimizer.mng  # type: ignore[attr-defined]
         manager.pid2config = pid2config
         manager.uses_config_override = bool(pid2config)
+
+    def before_step(self, optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        """Step pre-hook: the configuration, then the L2 term in the gradients."""
+        self.after_step(optimizer, (), {})  # a step that raised left gradients lent out
+        self.refresh(optimizer)
+        with torch.no_grad():
+            for p, coefficient in self.l2:
+                if p.grad is not None:
+                    self.lent.append((p, p.grad))
+                    p.grad = p.grad.add(p, alpha=coefficient)
+
+    def after_step(self, _optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        """Step post-hook: the gradients as backward made them."""
+        for p, grad in self.lent:
+            p.grad = grad
+        self.lent = []
 
 
 def _steps_count_for(user: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
