@@ -129,6 +129,17 @@ class BitsandbytesOptimizer(mixprec.OptimizerMode):
                     f"bitsandbytes 8-bit Adam takes float hyper-parameters, but {where} has a "
                     "tensor lr or betas; pass Python floats."
                 )
+        names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.is_complex():
+                    raise WrapError(
+                        f"Parameter {names.get(id(p), '?')!r} is {p.dtype}, which bitsandbytes' "
+                        "8-bit Adam would update as if it were real numbers (its Adam state "
+                        f"would be wrong); drop '+{self.name}' (torch's Adam steps complex "
+                        "parameters correctly), or store the parameter as real numbers "
+                        "(torch.view_as_real)."
+                    )
         if self.paged and device.type != "cuda":
             raise UnsupportedDeviceError(
                 f"Optimizer mode {self.name!r} pages its state through CUDA unified memory "

@@ -213,3 +213,30 @@ def test_l2_weight_decay_with_8_bit_state_follows_torch_adam():
     error = (w - runs["l2"].blocks[0].up.weight).abs().max()
     without = (runs["none"].blocks[0].up.weight - runs["l2"].blocks[0].up.weight).abs().max()
     assert error < without / 5
+
+
+class _WithComplex(torch.nn.Module):
+    """A complex parameter next to a real layer (spectral filters hold such weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(64, 64)
+        self.filter = torch.nn.Parameter(torch.randn(64, 64, dtype=torch.complex64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + (x.to(torch.complex64) @ self.filter).real
+
+
+@pytest.mark.parametrize("mode", ["32-true+adamw8bit", "32-true+adam8bit", "bf16-mixed+adamw8bit"])
+def test_complex_parameters_are_refused_before_anything_changes(mode):
+    model = seeded(_WithComplex)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    groups = [dict(g) for g in opt.param_groups]
+    with pytest.raises(WrapError, match=r"Parameter 'filter' is torch.complex64, which .* would "
+                                        r"update as if it were real numbers"):
+        mixprec.wrap(model, opt, mode)
+    assert not mixprec.is_wrapped(model)
+    assert [dict(g) for g in opt.param_groups] == groups and not opt.state
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key

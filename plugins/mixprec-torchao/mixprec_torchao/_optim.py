@@ -132,6 +132,17 @@ class LowBitAdamW(mixprec.OptimizerMode):
             if isinstance(group["lr"], torch.Tensor) and group["lr"].numel() != 1:
                 raise WrapError(f"{where} has a learning-rate tensor with several elements; "
                                 "use a scalar learning rate.")
+        names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.is_complex():
+                    raise WrapError(
+                        f"Parameter {names.get(id(p), '?')!r} is {p.dtype}, which torchao's "
+                        f"{self._base.__name__} would update as if it were real numbers (its "
+                        f"Adam state would be wrong); drop '+{self.name}' (torch's AdamW steps "
+                        "complex parameters correctly), or store the parameter as real "
+                        "numbers (torch.view_as_real)."
+                    )
 
     # -- conversion ------------------------------------------------------------------
 

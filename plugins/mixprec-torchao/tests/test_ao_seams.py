@@ -10,6 +10,8 @@ import torch
 from conftest import make_wide, train_wide
 
 import mixprec
+from mixprec.exceptions import WrapError
+from mixprec.testing import seeded
 
 OPTIM_MODES = ["ao-adamw8bit", "ao-adamw4bit", "ao-adamw-fp8"]
 EARLY = "lr_scheduler.step()` before `optimizer.step()`"
@@ -42,3 +44,30 @@ def test_an_lr_scheduler_built_before_or_after_wrap_steers_the_learning_rate(mod
         assert torch.equal(a, b), "the step ran with a learning rate other than the scheduler's"
     assert not [w for w in caught if EARLY in str(w.message)]
     assert all(a is b for a, b in zip(opt.param_groups, groups))  # the user's dicts
+
+
+class _WithComplex(torch.nn.Module):
+    """A complex parameter next to a real layer (spectral filters hold such weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(64, 64)
+        self.filter = torch.nn.Parameter(torch.randn(64, 64, dtype=torch.complex64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + (x.to(torch.complex64) @ self.filter).real
+
+
+@pytest.mark.parametrize("mode", [f"32-true+{m}" for m in OPTIM_MODES])
+def test_complex_parameters_are_refused_before_anything_changes(mode):
+    model = seeded(_WithComplex)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    groups = [dict(g) for g in opt.param_groups]
+    with pytest.raises(WrapError, match=r"Parameter 'filter' is torch.complex64, which .* would "
+                                        r"update as if it were real numbers"):
+        mixprec.wrap(model, opt, mode)
+    assert not mixprec.is_wrapped(model)
+    assert [dict(g) for g in opt.param_groups] == groups and not opt.state
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
