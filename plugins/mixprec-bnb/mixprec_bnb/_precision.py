@@ -386,6 +386,7 @@ class BitsandbytesMode(mixprec.PrecisionMode):
         self.compute_dtype = config.compute_dtype
         plan = self._plan(module, config)
         frozen: list[str] = []
+        trainable: list[str] = []  # int8-training: the weights that stay trainable
         per_weight = const = weights = conv1d = 0
         for names, linear in plan.targets:
             layer = build_layer(linear, config)  # one layer at a time: quantize, then swap
@@ -394,6 +395,8 @@ class BitsandbytesMode(mixprec.PrecisionMode):
                 module.get_submodule(parent_name)._modules[attr] = layer
             if linear.weight.requires_grad and not config.trainable:
                 frozen.append(names[0] + ".weight")
+            elif config.trainable and layer.weight.requires_grad:
+                trainable.append(names[0] + ".weight")
             conv1d += layer.conv1d
             p, c = layer.storage_nbytes()
             per_weight, const, weights = per_weight + p, const + c, weights + linear.weight.numel()
@@ -454,7 +457,8 @@ class BitsandbytesMode(mixprec.PrecisionMode):
             lines.append(f"left alone: the adapters of {plan.adapter_layers} peft layers "
                          "(trainable)")
         if config.trainable:
-            lines.append(f"weights stay trainable in {dtype_name(config.compute_dtype)}; "
+            named = f" ({_shorten(trainable)})" if trainable else ""
+            lines.append(f"weights stay trainable in {dtype_name(config.compute_dtype)}{named}; "
                          "the int8 matmul re-quantizes them every forward")
             if self._auto_masters and config.compute_dtype is torch.float16:
                 # Adam on fp16 weights divides by eps=1e-8, which is 0 in fp16: NaN on step 2.

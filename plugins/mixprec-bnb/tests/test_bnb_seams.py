@@ -240,3 +240,31 @@ def test_complex_parameters_are_refused_before_anything_changes(mode):
     assert [dict(g) for g in opt.param_groups] == groups and not opt.state
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("mode", ["nf4", "fp4-dq", "int8", "int8-training"])
+def test_the_summary_names_the_layers_every_precision_mode_converted(mode):
+    model = seeded(lambda: torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(),
+                                               torch.nn.Linear(64, 64), torch.nn.GELU(),
+                                               torch.nn.Linear(64, 64)))
+    model, opt = wrap_quiet(model, torch.optim.AdamW(model.parameters()), mode)
+    summary = opt.precision.summary
+    named = [line for line in summary.splitlines() if "0.weight, 2.weight, 4.weight" in line]
+    assert named, summary
+    if mode == "int8-training":
+        assert named == ["weights stay trainable in bfloat16 (0.weight, 2.weight, 4.weight); "
+                         "the int8 matmul re-quantizes them every forward"]
+
+
+@pytest.mark.parametrize("mode", ["nf4-dq", "int8", "int8-training"])
+def test_inputs_stay_fp32_and_init_module_builds_the_other_layers_in_fp32(mode):
+    """What the README says: these modes leave inputs as they come (each quantized layer
+    casts its own), and init_module builds only the Linear layers quantized."""
+    with mixprec.init_module(mode) as precision:
+        model = torch.nn.Sequential(torch.nn.LayerNorm(64), torch.nn.Linear(64, 64))
+    assert model[0].weight.dtype is torch.float32 and model[1].bias.dtype is torch.float32
+    seen = []
+    model[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+    wrapped = precision.wrap(model)
+    wrapped(torch.randn(2, 64))
+    assert seen == [torch.float32]
