@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, overload
+from typing import Any, cast, overload
 
 import torch
 
@@ -212,20 +212,22 @@ class PrecisionWrapper:
         check_forward_methods(model, self.forward_methods)
         if isinstance(optimizer, (list, tuple)):
             return wrap_several(self, model, optimizer, PrecisionWrapper)
-        self._validate(model, optimizer)
+        # anything else is refused by _validate as not an optimizer
+        single = cast("torch.optim.Optimizer | None", optimizer)
+        self._validate(model, single)
         # torch.distributed: refuses wrap(DDP(model)); a model sharded by
         # mixprec.distributed.fully_shard runs the mode object that converted it, by its plan.
         record = self._dist.attach(model, self.precision_mode, self.optimizer_modes)
         if record is not None:
             self.precision_mode, self.fsdp_plan = record.mode, record.plan
             self._shard_lines = record.lines
-        validate_modes(model, optimizer, self.precision_mode, self.optimizer_modes)
-        carried = self._carried_state(optimizer)
+        validate_modes(model, single, self.precision_mode, self.optimizer_modes)
+        carried = self._carried_state(single)
         try:
-            with atomic(model, optimizer):
+            with atomic(model, single):
                 if carried is not None:
-                    _checkpoint.drop_carried_state(optimizer)
-                inner_opt = self._convert(model, optimizer)
+                    _checkpoint.drop_carried_state(single)
+                inner_opt = self._convert(model, single)
         except BaseException:
             self.masters = None
             raise

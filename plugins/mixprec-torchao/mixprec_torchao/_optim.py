@@ -87,7 +87,7 @@ class LowBitAdamW(mixprec.OptimizerMode):
         self._default_block = default_block
         self.bf16_stochastic_round = check_bool(bf16_stochastic_round, "bf16_stochastic_round")
         optim = import_torchao("optim", mode=self.name)
-        self._base: type[torch.optim.Optimizer] = getattr(optim, class_name)
+        self._base: Any = getattr(optim, class_name)  # a torchao optimizer class
 
     def options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {}
@@ -303,7 +303,7 @@ class _PortableCheckpoints:
 
 
 @functools.cache
-def _lowbit_class(base: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+def _lowbit_class(base: Any) -> Any:
     return type(base.__name__, (_PortableCheckpoints, base), {
         "__module__": __name__,
         "__doc__": f"torchao.optim.{base.__name__} with portable checkpoints (mixprec-torchao).",
@@ -318,7 +318,7 @@ def _encode(value: Any) -> Any:
     name = type(value).__name__
     if not isinstance(value, torch.Tensor) or name not in _STATE_CLASSES:
         return value
-    names, attributes = value.__tensor_flatten__()
+    names, attributes = value.__tensor_flatten__()  # type: ignore[attr-defined]
     return {
         _ENCODED: name,
         "tensors": {n: getattr(value, n) for n in names},
