@@ -15,11 +15,11 @@ from mixprec.utils import (
     build_context,
     cast_floating,
     check_bool,
-    default_dtype,
     device_of,
     dtype_name,
     normalize_patterns,
     parse_dtype,
+    thread_default_dtype,
     warn_user,
 )
 
@@ -300,7 +300,8 @@ class TransformerEngineMode(mixprec.PrecisionMode):
         te = load_te(self.name)
         device_type = self.device.type if self.device is not None else "cuda"
         with contextlib.ExitStack() as stack:
-            stack.enter_context(default_dtype(self.weights_dtype))
+            # per thread: a forward never changes the process-wide default dtype
+            stack.enter_context(thread_default_dtype(self.weights_dtype))
             stack.enter_context(self._on_device())
             if self.fallback_dtype is not torch.float32:
                 stack.enter_context(torch.autocast(device_type, dtype=self.fallback_dtype))

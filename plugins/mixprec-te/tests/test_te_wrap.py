@@ -46,7 +46,7 @@ class Probe(torch.nn.Module):
             "fp8": state.is_fp8_enabled(), "recipe": state.get_fp8_recipe(),
             "autocast": torch.is_autocast_enabled("cpu"),
             "autocast_dtype": torch.get_autocast_dtype("cpu"),
-            "default_dtype": torch.get_default_dtype(), "input_dtype": x.dtype,
+            "default_dtype": torch.zeros(()).dtype, "input_dtype": x.dtype,
         }
         return x
 
