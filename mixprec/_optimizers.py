@@ -29,7 +29,9 @@ used with several optimizers (one scaler; ``scaler.scale(loss)`` per loss;
   step was skipped); ``opt_i.precision.steps`` / ``skipped_steps`` count ``opt_i``'s.
 - ``model.precision.state_dict()`` (also ``opt_i.precision.state_dict()``) holds the
   model, every optimizer's state, the shared scaler and the open round (format in
-  ``_checkpoint.py``); resuming is exact.
+  ``_checkpoint.py``); resuming is exact. ``opt_i.state_dict()`` loaded into the plain
+  optimizer before wrap resumes ``opt_i``'s counters and the shared scale (as with one
+  optimizer; the open round is only in the whole checkpoint).
 - DDP works as with one optimizer (``mixprec.distributed.get_state_dict(model, opt_i,
   full_state_dict=True)`` takes any of them). Refused at wrap, before anything
   changes: a model sharded by ``mixprec.distributed.fully_shard`` (FSDP2) and a
@@ -104,10 +106,13 @@ def wrap_several(
     lanes = [lane_class([owner.precision_mode, *owner.optimizer_modes],
                         skip_nonfinite=owner.skip_nonfinite,
                         collapse_patience=owner.collapse_patience) for _ in optimizers]
+    # mixprec state dicts loaded into the plain optimizers before wrap: checked now
+    carried = [lane._carried_state(o) for lane, o in zip(lanes, optimizers, strict=True)]
     inners: list[torch.optim.Optimizer] = []
     with contextlib.ExitStack() as journals:
         for optimizer in optimizers:
             journals.enter_context(atomic(model, optimizer))
+            _checkpoint.drop_carried_state(optimizer)
         lines, names_before = owner._convert_module(model)
         for index, (lane, optimizer) in enumerate(zip(lanes, optimizers, strict=True)):
             lane._names = owner._names  # one model: one table of names, masters added
@@ -134,6 +139,9 @@ def wrap_several(
         lane.optimizers = owner.optimizers
     parts = [lane.masters for lane in lanes if lane.masters is not None]
     owner.masters = MasterSet(parts) if parts else None
+    for lane, state in zip(lanes, carried, strict=True):
+        if state is not None:  # its counters, and the shared scale they were saved with
+            lane.load_precision_state(state)
     return module, owner.optimizers
 
 

@@ -592,3 +592,37 @@ def test_the_doctor_refuses_an_optimizer_factory_returning_several():
                             optimizer=two, modes=["bf16-true"], steps=1)
     row = report.mode("bf16-true")
     assert row.status == "error" and "one torch.optim.Optimizer" in row.error
+
+
+def test_optimizer_state_dicts_loaded_before_wrap_resume_scale_and_counters():
+    """Each opt.state_dict() loaded into a plain optimizer before wrap, as with one."""
+    options = {"init_scale": 2.0**20, "growth_interval": 2}
+    model, (opt_g, opt_d) = wrapped("16-mixed", **options)
+    train_gan(model, opt_g, opt_d, 6)
+    expected = {n: v.clone() for n, v in model.state_dict().items()}
+    expected_scale = model.precision.loss_scale
+
+    model, (opt_g, opt_d) = wrapped("16-mixed", **options)
+    train_gan(model, opt_g, opt_d, 3)
+    saved = [o.state_dict() for o in (opt_g, opt_d)], model.state_dict()
+    assert model.precision.loss_scale != 2.0**20  # something to resume
+
+    plain = gan(1)
+    plain.load_state_dict(saved[1])
+    plain_g, plain_d = adam(plain.G.parameters()), adam(plain.D.parameters())
+    plain_g.load_state_dict(saved[0][0])
+    plain_d.load_state_dict(saved[0][1])
+    model, (opt_g, opt_d) = mixprec.wrap(plain, [plain_g, plain_d], "16-mixed", **options)
+    assert (opt_g.precision.steps, opt_d.precision.steps) == (3, 3)
+    train_gan(model, opt_g, opt_d, 3, start=3)
+    assert all(torch.equal(v, expected[n]) for n, v in model.state_dict().items())
+    assert model.precision.loss_scale == expected_scale
+    assert all("mixprec" not in g for o in (opt_g, opt_d) for g in o.optimizer.param_groups)
+
+    other = gan(1)
+    other_d = adam(other.D.parameters())
+    other_d.load_state_dict(saved[0][1])
+    snap = _snapshot(other, [other_d])
+    with pytest.raises(CheckpointError, match="before wrap"):
+        mixprec.wrap(other, [adam(other.G.parameters()), other_d], "bf16-mixed")
+    _assert_unchanged(other, [other_d], snap)
