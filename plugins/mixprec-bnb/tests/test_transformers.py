@@ -416,3 +416,24 @@ def test_wrap_then_get_peft_model_then_wrap_with_an_8bit_optimizer() -> None:
         {id(p) for n, p in peft_model.named_parameters() if "lora_" in n}
     losses = train(peft_model, opt, 15)
     assert losses[-1] < losses[0]
+
+
+def test_a_failed_wrap_puts_the_old_config_back() -> None:
+    """The quantization_config lives on a copy of the config that the modules hold; if wrap
+    fails after converting the model, the modules hold the old config object again."""
+
+    class Failing(mixprec.OptimizerMode):
+        name = "failing"
+
+        def convert_optimizer(self, optimizer, module, param_names):  # type: ignore[no-untyped-def]
+            raise RuntimeError("boom")
+
+    model = tiny_llama()
+    config = model.config
+    holders = [m for m in model.modules() if m.__dict__.get("config") is config]
+    assert len(holders) > 2  # the model, its LlamaModel, its attention layers, …
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(RuntimeError, match="boom"):
+        wrap_quiet(model, opt, [BitsandbytesMode("nf4"), Failing()])
+    assert all(m.__dict__["config"] is config for m in holders)
+    assert not hasattr(config, "quantization_config") and not quantized_names(model)
