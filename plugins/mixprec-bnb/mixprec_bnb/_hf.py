@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -65,7 +65,7 @@ def foreign_config(layer: torch.nn.Module, compute_dtype: torch.dtype) -> QuantC
     an ``Linear8bitLt`` with trainable 16-bit weights)."""
     from bitsandbytes.nn import Linear4bit, Linear8bitLt
 
-    weight = layer.weight
+    weight = cast(torch.Tensor, layer.weight)
     if isinstance(layer, Linear4bit):
         qs = getattr(weight, "quant_state", None)
         if qs is None or not getattr(weight, "bnb_quantized", False):

@@ -158,10 +158,10 @@ class QuantLinear4bit(Linear4bit):
     def from_conv1d(cls, conv: torch.nn.Module, config: QuantConfig) -> QuantLinear4bit:
         """Quantize a transformers ``Conv1D`` (weight ``(in, out)``) as a Linear layer with
         the transposed weight; the bias parameter is shared."""
-        in_features, out_features = conv.weight.shape
-        layer = cls._empty(in_features, out_features, config)
+        weight = cast(torch.Tensor, conv.weight)
+        layer = cls._empty(weight.shape[0], weight.shape[1], config)
         layer.conv1d = True
-        layer.weight = layer._quantize(conv.weight.detach().t().contiguous())
+        layer.weight = layer._quantize(weight.detach().t().contiguous())
         layer.bias = conv.bias
         layer.train(conv.training)
         return layer
@@ -342,10 +342,10 @@ class QuantLinear8bit(Linear8bitLt):
         """Quantize a transformers ``Conv1D`` (weight ``(in, out)``) as a Linear layer with
         the transposed weight (frozen int8 only); the bias parameter is shared."""
         assert not config.trainable, "int8-training leaves Conv1D layers as they are"
-        in_features, out_features = conv.weight.shape
-        layer = cls._empty(in_features, out_features, config)
+        weight = cast(torch.Tensor, conv.weight)
+        layer = cls._empty(weight.shape[0], weight.shape[1], config)
         layer.conv1d = True
-        layer.weight = layer._quantize(conv.weight.detach().t().contiguous(), False)
+        layer.weight = layer._quantize(weight.detach().t().contiguous(), False)
         layer.bias = conv.bias
         layer.train(conv.training)
         return layer

@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import sys
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -307,7 +307,7 @@ class BitsandbytesMode(mixprec.PrecisionMode):
                     plan.output.append(shown)
                 elif len(owners.get(id(sub.weight), ())) > 1:
                     plan.tied.append(shown)
-                elif sub.weight.numel() == 0:
+                elif cast(torch.Tensor, sub.weight).numel() == 0:
                     plan.empty.append(shown)
                 elif type(sub) is conv1d and config.trainable:
                     plan.conv1d_kept.append(shown)
@@ -399,7 +399,8 @@ class BitsandbytesMode(mixprec.PrecisionMode):
                 trainable.append(names[0] + ".weight")
             conv1d += layer.conv1d
             p, c = layer.storage_nbytes()
-            per_weight, const, weights = per_weight + p, const + c, weights + linear.weight.numel()
+            per_weight, const = per_weight + p, const + c
+            weights += cast(torch.Tensor, linear.weight).numel()
         for _, layer, found in plan.adopted:  # in place: hooks, names and the weight stay
             source = getattr(layer, "source_cls", None)  # set by transformers' loading
             if found.kind == "4bit":
@@ -549,7 +550,8 @@ class BitsandbytesMode(mixprec.PrecisionMode):
 
 @dataclasses.dataclass
 class _Plan:
-    targets: list[tuple[list[str], torch.nn.Linear]] = dataclasses.field(default_factory=list)
+    #: (names, layer): ``torch.nn.Linear`` or transformers ``Conv1D`` layers to quantize
+    targets: list[tuple[list[str], torch.nn.Module]] = dataclasses.field(default_factory=list)
     existing: list[tuple[str, Any]] = dataclasses.field(default_factory=list)
     ignored: list[str] = dataclasses.field(default_factory=list)
     subclasses: list[str] = dataclasses.field(default_factory=list)
