@@ -89,8 +89,8 @@ def _finish(tracker: _Tracker, ignore_modules: Sequence[str], config: QuantConfi
         heads = [] if quantize_lm_head else output_layer_names(root)
         for name, module in list(root.named_modules(remove_duplicate=False)):
             pattern = match_module(name, ignore_modules)
-            if pattern is not None:
-                matched.add(pattern)
+            # every pattern that selects the module, not only the first
+            matched.update(p for p in ignore_modules if match_module(name, (p,)))
             if type(module) is not tracker.layer_class or (pattern is None
                                                            and not inside(name, heads)):
                 continue

@@ -254,8 +254,8 @@ class BitsandbytesMode(mixprec.PrecisionMode):
             for p in sub._parameters.values():
                 if p is not None:
                     owners.setdefault(id(p), set()).add(id(sub))
-            if (pattern := match_module(name, self.ignore_modules)) is not None:
-                matched.add(pattern)
+            # every pattern that selects the module, not only the first
+            matched.update(p for p in self.ignore_modules if match_module(name, (p,)))
         unmatched = [p for p in self.ignore_modules if p not in matched]
         if unmatched:
             all_names = [n for ns in names.values() for n in ns if n]

@@ -437,3 +437,14 @@ def test_a_failed_wrap_puts_the_old_config_back() -> None:
         wrap_quiet(model, opt, [BitsandbytesMode("nf4"), Failing()])
     assert all(m.__dict__["config"] is config for m in holders)
     assert not hasattr(config, "quantization_config") and not quantized_names(model)
+
+
+def test_two_patterns_that_select_the_same_module_both_count_as_matched() -> None:
+    """``"lm_head"`` and ``"base_model.model.lm_head"`` both select peft's head: neither is
+    reported as matching nothing (only the first one that selected a module counted)."""
+    mode = BitsandbytesMode("nf4-dq", ignore_modules=["lm_head", "base_model.model.lm_head"],
+                            quantize_lm_head=True)
+    wrapped = wrap_quiet(lora(tiny_llama(), ["q_proj"]), None, mode)
+    assert type(wrapped.base_model.model.lm_head) is torch.nn.Linear
+    with mixprec.init_module(BitsandbytesMode("nf4", ignore_modules=["blocks", "blocks.0"])):
+        TinyLM()  # filterwarnings=error: no "matched no module" warning
