@@ -12,6 +12,7 @@ import torch
 import mixprec
 from mixprec.exceptions import CheckpointError, ModeOptionError
 from mixprec.utils import (
+    ScalerConfig,
     build_context,
     cast_floating,
     check_bool,
@@ -42,8 +43,6 @@ __all__ = ["TransformerEngineMode"]
 logger = logging.getLogger("mixprec.te")
 
 _NAMES = {torch.bfloat16: "transformer-engine", torch.float16: "transformer-engine-float16"}
-_SCALER_KEYS = ("init_scale", "growth_factor", "backoff_factor", "growth_interval",
-                "min_scale", "max_scale", "hysteresis")
 
 
 class TransformerEngineMode(mixprec.PrecisionMode):
@@ -123,11 +122,11 @@ class TransformerEngineMode(mixprec.PrecisionMode):
         self._master_default = master_weights is None
         self.needs_scaling = fp16
         self.keep_output_dtype = check_bool(keep_output_dtype, "keep_output_dtype")
-        unknown = sorted(set(scaler_options) - set(_SCALER_KEYS))
+        unknown = sorted(set(scaler_options) - set(ScalerConfig.option_names()))
         if unknown:
             raise ModeOptionError(
                 f"{self.name} does not take option(s) {', '.join(map(repr, unknown))}; "
-                f"loss-scaler options are {', '.join(_SCALER_KEYS)}."
+                f"loss-scaler options are {', '.join(ScalerConfig.option_names())}."
             )
         if scaler_options and not fp16:
             raise ModeOptionError(

@@ -5,9 +5,12 @@ Imports only ``mixprec``; Transformer Engine is imported when a mode is used.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from typing import Any
 
 import mixprec
+from mixprec.utils import ScalerConfig
 
 __all__ = ["mixprec_modes"]
 
@@ -32,22 +35,25 @@ def _bf16(
 def _fp16(
     *, recipe: Any = None, replace_layers: bool = True, fallback_dtype: Any = None,
     ignore_modules: Any = (), master_weights: bool | None = None,
-    keep_output_dtype: bool = False, init_scale: float = 2.0**16, growth_factor: float = 2.0,
-    backoff_factor: float = 0.5, growth_interval: int = 2000, min_scale: float = 1.0 / 2**24,
-    max_scale: float = 2.0**24, hysteresis: int = 1,
+    keep_output_dtype: bool = False, **scaler: Any,
 ) -> mixprec.PrecisionMode:
     from ._mode import TransformerEngineMode
 
-    scaler = {"init_scale": init_scale, "growth_factor": growth_factor,
-              "backoff_factor": backoff_factor, "growth_interval": growth_interval,
-              "min_scale": min_scale, "max_scale": max_scale, "hysteresis": hysteresis}
-    defaults = mixprec.LossScaler().config() | {"init_scale": 2.0**16}
     return TransformerEngineMode(
         "fp16", recipe=recipe, replace_layers=replace_layers, fallback_dtype=fallback_dtype,
         ignore_modules=ignore_modules, master_weights=master_weights,
-        keep_output_dtype=keep_output_dtype,
-        **{k: v for k, v in scaler.items() if v != defaults[k]},
+        keep_output_dtype=keep_output_dtype, **scaler,
     )
+
+
+# The loss-scaler options are ScalerConfig's fields (one definition in the core): spelled
+# out in the signature so the registry names a misspelt one and suggests the closest.
+_fp16.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+    *(p for p in inspect.signature(_fp16).parameters.values()
+      if p.kind is inspect.Parameter.KEYWORD_ONLY),
+    *(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
+      for f in dataclasses.fields(ScalerConfig)),
+])
 
 
 @mixprec.hookimpl
