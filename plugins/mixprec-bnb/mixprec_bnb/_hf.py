@@ -15,6 +15,8 @@ from typing import Any, cast
 
 import torch
 
+from mixprec.utils import match_module
+
 from ._layers import QuantConfig, QuantLinear8bit, TorchLinear
 
 __all__ = ["attach_quantization_config", "conv1d_class", "foreign_config", "output_layer_names",
@@ -51,6 +53,26 @@ def output_layer_names(module: torch.nn.Module) -> list[str]:
         if names:
             return names
     return [name for name, _ in named if name == "lm_head" or name.endswith(".lm_head")]
+
+
+def keep_in_fp32_names(module: torch.nn.Module) -> list[str]:
+    """Dotted names of the modules a transformers model keeps in fp32
+    (``_keep_in_fp32_modules``, such as T5's ``wo``), which transformers' bitsandbytes
+    loading never quantizes; the patterns are matched by :func:`mixprec.utils.match_module`
+    against the names inside each model."""
+    pretrained = _pretrained_model_class()
+    if pretrained is None:
+        return []
+    named = list(module.named_modules(remove_duplicate=False))
+    found: list[str] = []
+    for prefix, model in named:
+        patterns = tuple(sorted(getattr(model, "_keep_in_fp32_modules", None) or ()))
+        if not isinstance(model, pretrained) or not patterns:
+            continue
+        start = f"{prefix}." if prefix else ""
+        found += [name for name, _ in named if name.startswith(start)
+                  and match_module(name[len(start):], patterns)]
+    return found
 
 
 def inside(name: str, parents: Iterable[str]) -> bool:

@@ -79,7 +79,7 @@ def quantized_init(
 
 def _finish(tracker: _Tracker, ignore_modules: Sequence[str], config: QuantConfig,
             quantize_lm_head: bool) -> None:
-    from ._hf import inside, output_layer_names
+    from ._hf import inside, keep_in_fp32_names, output_layer_names
 
     base = layer_base(config)
     roots = tracker.roots()
@@ -87,6 +87,7 @@ def _finish(tracker: _Tracker, ignore_modules: Sequence[str], config: QuantConfi
     matched: set[str] = set()
     for root in roots:
         heads = [] if quantize_lm_head else output_layer_names(root)
+        heads += keep_in_fp32_names(root)
         for name, module in list(root.named_modules(remove_duplicate=False)):
             pattern = match_module(name, ignore_modules)
             # every pattern that selects the module, not only the first

@@ -236,7 +236,7 @@ class BitsandbytesMode(mixprec.PrecisionMode):
         """What ``convert_module`` will do; raises every predictable error."""
         from bitsandbytes.nn import Linear4bit, Linear8bitLt
 
-        from ._hf import conv1d_class, inside, output_layer_names
+        from ._hf import conv1d_class, inside, keep_in_fp32_names, output_layer_names
         from ._layers import QuantLinear4bit, QuantLinear8bit, TorchLinear
 
         plan = _Plan()
@@ -244,6 +244,7 @@ class BitsandbytesMode(mixprec.PrecisionMode):
         plan.adapters = adapters
         conv1d = conv1d_class()
         heads = [] if self.quantize_lm_head else output_layer_names(module)
+        fp32 = keep_in_fp32_names(module)
         names: dict[int, list[str]] = {}
         modules: dict[int, torch.nn.Module] = {}
         owners: dict[int, set[int]] = {}  # parameter id -> ids of the modules holding it
@@ -305,6 +306,8 @@ class BitsandbytesMode(mixprec.PrecisionMode):
                     plan.ignored.append(shown)
                 elif any(inside(n, heads) for n in sub_names):
                     plan.output.append(shown)
+                elif any(inside(n, fp32) for n in sub_names):
+                    plan.fp32.append(shown)
                 elif len(owners.get(id(sub.weight), ())) > 1:
                     plan.tied.append(shown)
                 elif cast(torch.Tensor, sub.weight).numel() == 0:
@@ -319,11 +322,11 @@ class BitsandbytesMode(mixprec.PrecisionMode):
             plan.as_loaded = [names[0] for names, _ in plan.targets]
             plan.targets = []
         if not plan.targets and not plan.existing and not plan.adopted:
-            skipped = (len(plan.ignored) + len(plan.output) + len(plan.tied)
+            skipped = (len(plan.ignored) + len(plan.output) + len(plan.fp32) + len(plan.tied)
                        + len(plan.subclasses) + len(plan.empty) + len(plan.conv1d_kept))
             reason = (f"all {skipped} are excluded: ignore_modules, the output layer "
-                      "(quantize_lm_head=True quantizes it), tied weights, subclasses, "
-                      "empty layers or (int8-training) Conv1D layers"
+                      "(quantize_lm_head=True quantizes it), _keep_in_fp32_modules, tied "
+                      "weights, subclasses, empty layers or (int8-training) Conv1D layers"
                       if skipped else "it has none")
             raise WrapError(
                 f"Mode {self.name!r} found no torch.nn.Linear layer to quantize ({reason}); "
@@ -442,6 +445,9 @@ class BitsandbytesMode(mixprec.PrecisionMode):
             lines.append("left in full precision (the output layer, as transformers keeps it "
                          f"for bitsandbytes; quantize_lm_head=True quantizes it): "
                          f"{_shorten(plan.output)}")
+        if plan.fp32:
+            lines.append("left in full precision (the model's _keep_in_fp32_modules, which "
+                         f"transformers never quantizes): {_shorten(plan.fp32)}")
         if plan.tied:
             lines.append("left in full precision (weight tied to another module, e.g. the "
                          f"embedding): {_shorten(plan.tied)}")
@@ -558,6 +564,7 @@ class _Plan:
     tied: list[str] = dataclasses.field(default_factory=list)
     empty: list[str] = dataclasses.field(default_factory=list)
     output: list[str] = dataclasses.field(default_factory=list)  # the lm_head, kept
+    fp32: list[str] = dataclasses.field(default_factory=list)  # _keep_in_fp32_modules
     conv1d_kept: list[str] = dataclasses.field(default_factory=list)  # int8-training
     #: bitsandbytes layers mixprec did not make, kept: (name, layer, their QuantConfig)
     adopted: list[tuple[str, Any, Any]] = dataclasses.field(default_factory=list)

@@ -287,8 +287,8 @@ def _snapshot(model: torch.nn.Module) -> list[tuple[str, type, int, torch.dtype,
     [
         (BitsandbytesMode("nf4", ignore_modules=["lm_head", "blocks"]), make_lm, WrapError,
          r"found no torch.nn.Linear layer to quantize \(all 5 are excluded: ignore_modules, the "
-         r"output layer \(quantize_lm_head=True quantizes it\), tied weights, subclasses, empty "
-         r"layers or \(int8-training\) Conv1D layers\)"),
+         r"output layer \(quantize_lm_head=True quantizes it\), _keep_in_fp32_modules, tied "
+         r"weights, subclasses, empty layers or \(int8-training\) Conv1D layers\)"),
         ("nf4", lambda: torch.nn.Sequential(torch.nn.LayerNorm(4)), WrapError,
          r"found no torch.nn.Linear layer to quantize \(it has none\); wrap the model in a mode"),
         ("int8", lambda: torch.nn.Linear(8, 8), WrapError,

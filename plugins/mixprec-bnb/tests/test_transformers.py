@@ -448,3 +448,28 @@ def test_two_patterns_that_select_the_same_module_both_count_as_matched() -> Non
     assert type(wrapped.base_model.model.lm_head) is torch.nn.Linear
     with mixprec.init_module(BitsandbytesMode("nf4", ignore_modules=["blocks", "blocks.0"])):
         TinyLM()  # filterwarnings=error: no "matched no module" warning
+
+
+def test_keep_in_fp32_modules_stay_in_full_precision_and_round_trip(tmp_path: Path) -> None:
+    """T5 asks for its ``wo`` layers in fp32 (``_keep_in_fp32_modules``), which transformers
+    never quantizes: mixprec keeps them too, so the saved checkpoint loads."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(
+        vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+        decoder_start_token_id=0)).eval()
+    wrapped = wrap_quiet(model, None, "nf4")
+    kept = sorted(n for n, m in wrapped.named_modules() if type(m) is torch.nn.Linear)
+    assert kept == sorted([f"{part}.block.{i}.layer.{j}.DenseReluDense.wo"
+                           for part, j in (("encoder", 1), ("decoder", 2)) for i in range(2)]
+                          + ["lm_head"])
+    assert "the model's _keep_in_fp32_modules" in wrapped.precision.summary
+    wrapped.save_pretrained(tmp_path)
+    loaded = T5ForConditionalGeneration.from_pretrained(tmp_path)
+    ids = tokens()
+    with torch.no_grad():
+        ours = wrapped(input_ids=ids, decoder_input_ids=ids).logits
+        theirs = loaded(input_ids=ids, decoder_input_ids=ids).logits
+    assert quantized_names(loaded) == quantized_names(wrapped)
+    assert torch.equal(theirs, ours)
