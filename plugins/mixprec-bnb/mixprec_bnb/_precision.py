@@ -75,7 +75,8 @@ class BitsandbytesMode(mixprec.PrecisionMode):
     as in every other 16/8-bit mode.
 
     The model's output layer (``lm_head``) stays in full precision unless
-    ``quantize_lm_head=True``, as transformers keeps it for bitsandbytes.
+    ``quantize_lm_head=True``, as transformers keeps it for bitsandbytes; so do the
+    modules a transformers model lists in ``_keep_in_fp32_modules`` (T5's ``wo``).
     transformers' ``Conv1D`` layers (GPT-2 family) are quantized like Linear layers
     with the transposed weight, as transformers does. Layers transformers already
     quantized (a model loaded with ``BitsAndBytesConfig``) are kept as they are, not
