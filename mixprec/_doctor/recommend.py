@@ -137,9 +137,10 @@ def recommend(results: Sequence[ModeResult], *, loss_threshold: float,
         if fix is not None and _usable(fix, loss_threshold) and (
                 not _usable(r, loss_threshold) or (fix.gap_pct or 0.0) <= (r.gap_pct or 0.0)):
             finals.append((r, fix))
-            what = "" if _usable(r, loss_threshold) else f" ({_problems(r)})"
+            causes = ", ".join(f.cause for f in r.flags if f.blocking)
+            what = "" if _usable(r, loss_threshold) else f"; {causes}"
             verdicts[r.label] = (f"use {fix.label}: loss gap {_pct(fix.gap_pct)} "
-                                 f"(as is: {_pct(r.gap_pct)}){what}")
+                                 f"(as is: {_pct(r.gap_pct)}{what})")
         elif _usable(r, loss_threshold):
             finals.append((r, r))
             verdicts[r.label] = f"ok: loss gap {_pct(r.gap_pct)}"
@@ -154,11 +155,13 @@ def recommend(results: Sequence[ModeResult], *, loss_threshold: float,
                                      f"{loss_threshold:g}% of fp32's loss; keep 32-true"],
                               verdicts=verdicts)
     asked, chosen = min(finals, key=lambda pair: _cost(pair[1]))
+    baseline = next((r for r in results if r.candidate.mode == "32-true"
+                     and not r.candidate.options), None)
     reasons = [
         f"{chosen.label}: the cheapest mode whose loss stays within {loss_threshold:g}% of "
         f"fp32's after the short run (gap {_pct(chosen.gap_pct)}), at "
         f"{chosen.bytes_per_param:.2f} bytes per parameter (weights, gradients, optimizer "
-        f"state){_speed(chosen)}",
+        f"state){_speed(chosen, baseline)}",
     ]
     cheaper = [r for r in results if r.candidate.fix_of is None and r is not asked
                and r.status == "ok" and _cost(r) < _cost(chosen)
@@ -194,5 +197,9 @@ def _share(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def _speed(r: ModeResult) -> str:
-    return "" if r.step_ms is None else f", {r.step_ms:.1f} ms per step here"
+def _speed(r: ModeResult, baseline: ModeResult | None) -> str:
+    if r.step_ms is None:
+        return ""
+    base = "" if baseline is None or baseline is r or baseline.step_ms is None \
+        else f" (32-true: {baseline.step_ms:.1f} ms)"
+    return f", {r.step_ms:.1f} ms per step here{base}"

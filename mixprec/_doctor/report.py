@@ -66,9 +66,17 @@ def mode_table(report: DoctorReport) -> tuple[list[str], list[list[str]]]:
     return MODE_HEADERS, rows
 
 
+def _identical(r: ModeResult) -> bool:
+    """Every layer computes exactly as fp32 (32-true, optimizer modes on it)."""
+    return all(lr.impact_db is not None and math.isinf(lr.impact_db) and lr.impact_db > 0
+               for lr in r.layers)
+
+
 def layer_table(report: DoctorReport) -> tuple[list[str], list[list[str]]]:
-    """Per layer, per mode: the model output's SQNR with only that layer converted (dB)."""
-    modes = [r for r in report.modes if r.layers]
+    """Per layer, per mode: the model output's SQNR with only that layer converted (dB);
+    modes whose every layer computes exactly as fp32 are left out (see
+    :func:`identical_modes`)."""
+    modes = [r for r in report.modes if r.layers and not _identical(r)]
     names = [lr.name for lr in modes[0].layers] if modes else []
     headers = ["layer", "kind", *(r.label for r in modes)]
     rows = []
@@ -87,6 +95,11 @@ def layer_table(report: DoctorReport) -> tuple[list[str], list[list[str]]]:
 
 DETAIL_HEADERS = ["layer", "dtype", "own dB", "impact dB", "impact loss", "grad dB",
                   "act amax", "grad amax", "fp16 underflow", "lost"]
+
+
+def identical_modes(report: DoctorReport) -> list[str]:
+    """The modes whose forward is exactly fp32's (their SQNR is infinite everywhere)."""
+    return [r.label for r in report.modes if r.layers and _identical(r)]
 
 
 def detail_table(result: ModeResult) -> tuple[list[str], list[list[str]]]:
@@ -119,6 +132,12 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return head in ("-", "inf", "nan")
     return True
+
+
+def _layer_title(report: DoctorReport) -> str:
+    same = identical_modes(report)
+    text = "per-layer sensitivity: model-output SQNR (dB) with only that layer converted"
+    return text + (f" ({', '.join(same)}: identical to fp32, not shown)" if same else "")
 
 
 def header_lines(report: DoctorReport) -> list[str]:
@@ -156,7 +175,10 @@ def recommendation_lines(report: DoctorReport) -> list[str]:
 
 
 def footer_lines(report: DoctorReport) -> list[str]:
-    lines = [f"not examined: {m}: {why}" for m, why in report.left_out]
+    reasons: dict[str, list[str]] = {}
+    for mode, why in report.left_out:
+        reasons.setdefault(why, []).append(mode)
+    lines = [f"not examined: {', '.join(modes)}: {why}" for why, modes in reasons.items()]
     lines.append(
         f"thresholds: loss within {report.loss_threshold:g}% of 32-true; a layer is kept in "
         f"full precision (ignore_modules) when, converted alone, it brings the model output "
@@ -168,8 +190,7 @@ def footer_lines(report: DoctorReport) -> list[str]:
 def plain_report(report: DoctorReport, detail: bool = False) -> str:
     """The whole report as plain text."""
     parts = ["\n".join(header_lines(report)), _plain_table(*mode_table(report)),
-             "per-layer sensitivity: model-output SQNR (dB) with only that layer converted",
-             _plain_table(*layer_table(report))]
+             _layer_title(report), _plain_table(*layer_table(report))]
     if detail:
         for r in report.modes:
             if r.layers:
@@ -211,8 +232,7 @@ def print_report(report: DoctorReport, out: TextIO | None = None, detail: bool =
     for line in header_lines(report):
         console.print(Text(line))
     console.print(table(*mode_table(report)))
-    console.print(table(*layer_table(report), title="per-layer sensitivity: model-output SQNR "
-                                                    "(dB) with only that layer converted"))
+    console.print(table(*layer_table(report), title=_layer_title(report)))
     if detail:
         for r in report.modes:
             if r.layers:
@@ -243,7 +263,7 @@ def write_plot(report: DoctorReport, path: str | Path) -> None:
     import numpy as np
 
     _, rows = layer_table(report)
-    modes = [r for r in report.modes if r.layers]
+    modes = [r for r in report.modes if r.layers and not _identical(r)]
     names = [row[0] for row in rows]
     values = np.full((len(names), len(modes)), np.nan)
     for j, r in enumerate(modes):
