@@ -147,13 +147,16 @@ class Recorder:
         if module is not None:
             module.module.register_forward_pre_hook(self.forward.before)
             module.register_forward_hook(self.forward.after)
-        # opt.backward(loss) calls wrapper.backward: record the loss on the way
-        wrapper.backward = self.backward  # type: ignore[method-assign]
+        self.watch_backward(wrapper)
 
-    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        if isinstance(loss, torch.Tensor):
-            self.loss = (loss.dtype, str(loss.device))
-        type(self._wrapper).backward(self._wrapper, loss, *args, **kwargs)
+    def watch_backward(self, wrapper: PrecisionWrapper) -> None:
+        """``opt.backward(loss)`` calls ``wrapper.backward``: record the loss on the way."""
+        def backward(loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+            if isinstance(loss, torch.Tensor):
+                self.loss = (loss.dtype, str(loss.device))
+            type(wrapper).backward(wrapper, loss, *args, **kwargs)
+
+        wrapper.backward = backward  # type: ignore[method-assign]
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -169,12 +172,28 @@ def _float_tensors(data: Any) -> list[torch.Tensor]:
     return found
 
 
+def _owner_and_lanes(wrapper: PrecisionWrapper) -> tuple[PrecisionWrapper,
+                                                         tuple[PrecisionWrapper, ...]]:
+    """The wrapper that owns the model and the wrappers of its optimizers (one, or each
+    of several: ``model.precision`` and every ``opt_i.precision``)."""
+    several = wrapper._several
+    if several is None:
+        return wrapper, (wrapper,)
+    return several.owner, several.lanes
+
+
 def recorder_of(wrapper: PrecisionWrapper) -> Recorder:
-    """The wrapper's recorder, installed on first use."""
-    recorder = wrapper.__dict__.get("_audit_recorder")
+    """The model's recorder, installed on first use; with several optimizers one recorder
+    serves the model and sees the loss given to any optimizer's ``backward``."""
+    owner, lanes = _owner_and_lanes(wrapper)
+    recorder = owner.__dict__.get("_audit_recorder")
     if recorder is None:
-        recorder = Recorder(wrapper)
-        wrapper.__dict__["_audit_recorder"] = recorder
+        recorder = Recorder(owner)
+        owner.__dict__["_audit_recorder"] = recorder
+        for other in lanes:
+            if other is not owner:
+                recorder.watch_backward(other)
+                other.__dict__["_audit_recorder"] = recorder
     return recorder
 
 
@@ -201,11 +220,20 @@ def audit(wrapper: PrecisionWrapper, *, output: Any = None, loss: torch.Tensor |
     assert wrapper.module is not None
     model = wrapper.module.module
     named = list(model.named_parameters())
-    masters = {id(p): m for p, m in (wrapper.masters.pairs if wrapper.masters else [])}
-    inner = None if wrapper.optimizer is None else wrapper.optimizer.optimizer
+    # With several optimizers each has its own masters and optimizer: audit all of them
+    # (the model is one), whichever optimizer's precision was asked.
+    owner, lanes = _owner_and_lanes(wrapper)
+    masters = {id(p): m for lane in {id(x): x for x in (owner, *lanes)}.values()
+               if lane.masters is not None for p, m in lane.masters.pairs}
+    stepping = [lane for lane in lanes if lane.optimizer is not None]
+    inners = [lane.optimizer.optimizer for lane in stepping if lane.optimizer is not None]
     _weights(result, named, masters)
-    if inner is not None:
-        _optimizer(result, wrapper, inner, named, masters)
+    if masters:
+        result.sections["master weights"] = _group(masters.values(), "fp32 masters")
+    for i, (lane, inner) in enumerate(zip(stepping, inners)):
+        _optimizer(result, lane, inner, masters, f"optimizer {i} " if len(inners) > 1 else "")
+    if inners:
+        _not_in_optimizer(result, inners, named, masters)
     _forward(result, recorder, output, loss)
     _devices(result, wrapper, named, recorder)
     _unconverted(result, wrapper, model)
@@ -246,8 +274,8 @@ def _weights(result: Audit, named: list[tuple[str, torch.nn.Parameter]],
 
 
 def _optimizer(result: Audit, wrapper: PrecisionWrapper, inner: torch.optim.Optimizer,
-               named: list[tuple[str, torch.nn.Parameter]],
-               masters: dict[int, torch.nn.Parameter]) -> None:
+               masters: dict[int, torch.nn.Parameter], prefix: str = "") -> None:
+    """One optimizer's groups and state (``prefix`` names it among several)."""
     master_ids = {id(m) for m in masters.values()}
     groups = []
     for i, group in enumerate(inner.param_groups):
@@ -256,9 +284,8 @@ def _optimizer(result: Audit, wrapper: PrecisionWrapper, inner: torch.optim.Opti
         groups += _group([p for p, m in zip(params, is_master) if m],
                          f"group {i}", "fp32 masters of 16-bit model weights")
         groups += _group([p for p, m in zip(params, is_master) if not m], f"group {i}")
-    result.sections["optimizer parameter groups"] = groups
-    if masters:
-        result.sections["master weights"] = _group(masters.values(), "fp32 masters")
+    name = prefix or "optimizer "  # "optimizer state", or "optimizer 1 state" of several
+    result.sections[f"{name}parameter groups"] = groups
     state: dict[tuple[str, str, str], Entry] = {}
     lower: list[str] = []
     for p, entry in inner.state.items():
@@ -276,13 +303,13 @@ def _optimizer(result: Audit, wrapper: PrecisionWrapper, inner: torch.optim.Opti
                     and torch.finfo(v.dtype).eps > torch.finfo(p.dtype).eps):
                 lower.append(f"{wrapper.param_name(p)}[{key!r}] {_name(v.dtype)} < "
                              f"{_name(p.dtype)}")
-    result.sections["optimizer state"] = list(state.values())
+    result.sections[f"{name}state"] = list(state.values())
     if not state:
-        result.notes["optimizer state"] = ["none yet (the optimizer creates it at its first step)"]
+        result.notes[f"{name}state"] = ["none yet (the optimizer creates it at its first step)"]
     quantized = [e for e in state.values()
                  if not getattr(torch, e.dtype, torch.float32).is_floating_point]
     if quantized:
-        result.notes["optimizer state"] = [
+        result.notes[f"{name}state"] = [
             "integer state is quantized by the optimizer mode, by design (8-bit optimizers "
             "keep block-wise scales next to it)"]
     if lower:
@@ -292,15 +319,22 @@ def _optimizer(result: Audit, wrapper: PrecisionWrapper, inner: torch.optim.Opti
             f"{len(lower)} tensor(s): {', '.join(lower[:4])}{' …' if len(lower) > 4 else ''}; "
             "small updates and second moments lose bits there — load or create the state "
             "in the weights' dtype"))
-    held = {id(p) for g in inner.param_groups for p in g["params"]}
+
+
+def _not_in_optimizer(result: Audit, inners: list[torch.optim.Optimizer],
+                      named: list[tuple[str, torch.nn.Parameter]],
+                      masters: dict[int, torch.nn.Parameter]) -> None:
+    """Trainable parameters no optimizer holds (itself or through its fp32 master)."""
+    held = {id(p) for inner in inners for g in inner.param_groups for p in g["params"]}
     held |= {pid for pid, m in masters.items() if id(m) in held}
     missing = [n for n, p in named if p.requires_grad and id(p) not in held]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5
                                           else "")
+        which = "any" if len(inners) > 1 else "the"
         result.flags.append(AuditFlag(
             "not-in-optimizer",
-            f"{len(missing)} trainable parameter(s) are not in the optimizer, so they never "
+            f"{len(missing)} trainable parameter(s) are not in {which} optimizer, so they never "
             f"change: {shown}; add them (opt.add_param_group) or set requires_grad=False"))
 
 

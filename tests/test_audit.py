@@ -97,6 +97,49 @@ def test_trainable_parameters_outside_the_optimizer_are_flagged():
     assert "fc2.weight" in flag.message and "fc1" not in flag.message
 
 
+
+@pytest.mark.parametrize("asked", ["generator", "critic", "model"])
+def test_several_optimizers_are_audited_together(asked):
+    """With several optimizers every ``opt_i.precision.audit()`` (and the model's) shows
+    each optimizer, flags only parameters no optimizer holds, and sees a loss given to
+    any optimizer's backward."""
+    torch.manual_seed(0)
+    net = TinyNet()
+    opt_g = torch.optim.AdamW([*net.embed.parameters(), *net.fc1.parameters()])
+    opt_d = torch.optim.AdamW([*net.norm.parameters(), net.fc2.weight])  # fc2.bias in none
+    model, (opt_g, opt_d) = mixprec.wrap(net, [opt_g, opt_d], "bf16-true",
+                                         master_weights=True)
+    wrapper = {"generator": opt_g.precision, "critic": opt_d.precision,
+               "model": model.precision}[asked]
+    wrapper.audit(show=False)  # the recorder is installed from here on
+    for i, opt in enumerate((opt_g, opt_d)):
+        tokens, targets = make_batch(seed=i)
+        logits = model(tokens).flatten(0, 1)
+        if opt is opt_d:
+            logits = logits.bfloat16()  # a loss in bf16, given to opt_d.backward
+        loss = torch.nn.functional.cross_entropy(logits, targets.flatten())
+        opt.backward(loss)
+        opt_g.step()
+        opt_d.step()
+        opt_g.zero_grad()
+        opt_d.zero_grad()
+    result = wrapper.audit(show=False)
+    # each optimizer's groups and state, the masters of both
+    groups = [_entry(result, f"optimizer {i} parameter groups", "group 0") for i in (0, 1)]
+    assert [g[0].numel for g in groups] == [32 * 16 + 16 * 32 + 32, 2 * 32 + 16 * 32]
+    assert [e.numel for e in result.entries("optimizer 1 state")
+            if e.what == "state 'exp_avg'"] == [2 * 32 + 16 * 32]
+    assert sum(e.numel for e in result.entries("master weights")) == sum(
+        p.numel() for p in net.parameters()) - 16  # fc2.bias: no optimizer, no master
+    # only fc2.bias is in no optimizer
+    flags = [f for f in result.flags if f.cause == "not-in-optimizer"]
+    assert len(flags) == 1 and flags[0].message.startswith(
+        "1 trainable parameter(s) are not in any optimizer"), flags
+    assert "fc2.bias" in flags[0].message and "fc1" not in flags[0].message
+    # the last loss went through opt_d.backward, in bf16: seen whichever was asked
+    assert "loss-low-precision" in result.causes
+
+
 class KeepSome(mixprec.PrecisionMode):
     """A plugin-style mode that swaps Linear layers for a subclass, except ignore_modules."""
 
