@@ -309,3 +309,18 @@ def test_cli_with_a_user_model(tmp_path, monkeypatch, capsys):
     assert "--model needs --data" in capsys.readouterr().err
     assert main(["doctor", "--model", "doctor_user", "--data", "x:y", "--quiet"]) == 2
     assert "PKG.MOD:NAME" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, name, says", [
+    ("--json", "missing/doctor.json", "does not exist"),
+    ("--json", ".", "is a directory"),
+    ("--plot", "doctor.xyz", "matplotlib cannot write .xyz"),
+])
+def test_cli_checks_output_paths_before_running(tmp_path, monkeypatch, capsys, flag, name, says):
+    """A typo in --json/--plot is a usage error before anything runs (as in mixprec bench),
+    not a traceback after the whole examination."""
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    monkeypatch.setattr("mixprec._doctor.cli.doctor", lambda *a, **k: ran.append(1))
+    assert main(["doctor", "--size", "tiny", "--quiet", flag, name]) == 2
+    assert says in capsys.readouterr().err and not ran

@@ -200,13 +200,19 @@ def _take(it: Iterator[Any], n: int) -> Iterator[Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the doctor; return the exit status."""
-    from .._bench.cli import _quiet_libraries
+    from .._bench.cli import _plot_format_problem, _quiet_libraries, unwritable
     from .._bench.report import progress_bars
 
     if args.steps < 1 or args.batches < 1 or args.measure_batches < 1:
         return _usage_error("--steps, --batches and --measure-batches must be at least 1.")
     if args.plot and not plot_available():
         return _usage_error("--plot needs matplotlib; install it: pip install 'mixprec[bench]'.")
+    for flag, path in (("--json", args.json_path), ("--plot", args.plot)):
+        problem = path and unwritable(path)  # checked before the run, as mixprec bench does
+        if problem:
+            return _usage_error(f"{flag} {path}: {problem}")
+    if args.plot and (problem := _plot_format_problem(args.plot)):
+        return _usage_error(f"--plot {args.plot}: {problem}")
     if args.model is None and args.data is not None:
         return _usage_error("--data goes with --model; without --model the doctor examines "
                             "the bench model on its own data.")
