@@ -20,7 +20,7 @@ from collections.abc import Iterable
 
 from .exceptions import ModeOptionError
 
-__all__ = ["closest_name", "match_module", "normalize_patterns"]
+__all__ = ["closest_name", "match_module", "normalize_patterns", "unmatched_patterns"]
 
 _GLOB_CHARS = frozenset("*?[")
 
@@ -64,6 +64,17 @@ def match_module(name: str, patterns: Iterable[str]) -> str | None:
         elif pattern in candidates:
             return pattern
     return None
+
+
+def unmatched_patterns(names: Iterable[str], patterns: Iterable[str]) -> list[str]:
+    """The patterns that select none of the module ``names``, in their order.
+
+    Every pattern is tried on its own: one that selects a module another pattern also
+    selects is matched (``["lm_head", "base_model.model.lm_head"]`` on a peft model
+    matches both), which :func:`match_module`, returning the first, cannot say.
+    """
+    names = [n for n in names if n]
+    return [p for p in patterns if not any(match_module(n, (p,)) for n in names)]
 
 
 def closest_name(pattern: str, names: Iterable[str]) -> str | None:

@@ -9,7 +9,9 @@ Plugins (first- and third-party) call these instead of keeping copies::
   :func:`short_dtype_name` (as in mode names);
 - modules: :func:`match_module` (the ``ignore_modules`` rule: dotted names and
   globs, parents included, matched from the end as well: ``"lm_head"`` selects
-  peft's ``base_model.model.lm_head``), :func:`normalize_patterns`, :func:`closest_name`,
+  peft's ``base_model.model.lm_head``), :func:`unmatched_patterns` (the entries that
+  select no module, for the "matches no module" error), :func:`normalize_patterns`,
+  :func:`closest_name`,
   :func:`device_of`, :func:`cast_floating`;
 - data: :func:`apply_to_float_tensors`, :func:`local_tensor` / :func:`local_tensors`
   (FSDP2 shards);
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 from ._dtypes import DTYPES, dtype_name, parse_dtype, short_dtype_name
 from ._interface import build_context, default_dtype, step_in_dtype, thread_default_dtype
-from ._match import closest_name, match_module, normalize_patterns
+from ._match import closest_name, match_module, normalize_patterns, unmatched_patterns
 from ._options import check_bool, check_number
 from ._scaler import ScalerConfig
 from ._tensors import apply_to_float_tensors, cast_floating, device_of, local_tensor, local_tensors
@@ -57,5 +59,6 @@ __all__ = [
     "short_dtype_name",
     "step_in_dtype",
     "thread_default_dtype",
+    "unmatched_patterns",
     "warn_user",
 ]

@@ -34,6 +34,8 @@ every call), :func:`train_steps` (the training loop), :func:`checkpoint_roundtri
 (``torch.save``/``torch.load(weights_only=True)``), :func:`wrap_quietly`
 (``wrap`` without expected :class:`mixprec.MixprecWarning` s) and
 :func:`assert_state_equal` (state dicts equal bit for bit, with a readable diff).
+A mode that takes ``ignore_modules`` tests mixprec's one rule for it with
+:data:`IGNORE_MODULES_CASES` on :func:`ignore_modules_model`.
 
 The kit raises its own messages, so pytest need not rewrite its asserts
 (PYTEST_DONT_REWRITE; this also keeps pytest quiet when the module was imported
@@ -50,6 +52,7 @@ from ._fixtures import mixprec_plugins, mixprec_registry, register_mixprec_plugi
 from ._fixtures import pytest_collection_modifyitems as pytest_collection_modifyitems
 from ._fixtures import pytest_configure as pytest_configure
 from ._helpers import ConformanceNet
+from ._rules import IGNORE_MODULES_CASES, IGNORE_MODULES_LINEARS, ignore_modules_model
 from ._tools import (
     assert_state_equal,
     checkpoint_roundtrip,
@@ -66,12 +69,15 @@ from ._wrap import WrapChecks
 
 __all__ = [
     "CONTRACTS",
+    "IGNORE_MODULES_CASES",
+    "IGNORE_MODULES_LINEARS",
     "ConformanceNet",
     "ContractViolation",
     "ModeConformance",
     "assert_state_equal",
     "checkpoint_roundtrip",
     "first_party_modes",
+    "ignore_modules_model",
     "mixprec_plugins",
     "mixprec_registry",
     "register_mixprec_plugin",

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mixprec.utils import match_module, warn_user
+from mixprec.utils import match_module, unmatched_patterns, warn_user
 
 from ._layers import QuantConfig, TorchLinear, init_layer_class, is_quantized_layer
 
@@ -84,14 +84,13 @@ def _finish(tracker: _Tracker, ignore_modules: Sequence[str], config: QuantConfi
     base = layer_base(config)
     roots = tracker.roots()
     excluded: list[str] = []
-    matched: set[str] = set()
+    names: list[str] = []
     for root in roots:
         heads = [] if quantize_lm_head else output_layer_names(root)
         heads += keep_in_fp32_names(root)
         for name, module in list(root.named_modules(remove_duplicate=False)):
+            names.append(name)
             pattern = match_module(name, ignore_modules)
-            # every pattern that selects the module, not only the first
-            matched.update(p for p in ignore_modules if match_module(name, (p,)))
             if type(module) is not tracker.layer_class or (pattern is None
                                                            and not inside(name, heads)):
                 continue
@@ -102,7 +101,7 @@ def _finish(tracker: _Tracker, ignore_modules: Sequence[str], config: QuantConfi
     for layer in tracker.layers:
         if type(layer) is tracker.layer_class:
             layer.__class__ = base  # plain class: picklable, no trace of the context
-    unmatched = sorted(set(ignore_modules) - matched)
+    unmatched = sorted(set(unmatched_patterns(names, ignore_modules)))
     if unmatched and tracker.layers:
         warn_user(
             f"ignore_modules {unmatched} matched no module built in init_module, so every "

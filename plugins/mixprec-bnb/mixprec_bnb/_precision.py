@@ -27,6 +27,7 @@ from mixprec.utils import (
     normalize_patterns,
     parse_dtype,
     short_dtype_name,
+    unmatched_patterns,
     warn_user,
 )
 
@@ -249,18 +250,15 @@ class BitsandbytesMode(mixprec.PrecisionMode):
         names: dict[int, list[str]] = {}
         modules: dict[int, torch.nn.Module] = {}
         owners: dict[int, set[int]] = {}  # parameter id -> ids of the modules holding it
-        matched: set[str] = set()
         for name, sub in module.named_modules(remove_duplicate=False):
             names.setdefault(id(sub), []).append(name)
             modules[id(sub)] = sub
             for p in sub._parameters.values():
                 if p is not None:
                     owners.setdefault(id(p), set()).add(id(sub))
-            # every pattern that selects the module, not only the first
-            matched.update(p for p in self.ignore_modules if match_module(name, (p,)))
-        unmatched = [p for p in self.ignore_modules if p not in matched]
+        all_names = [n for ns in names.values() for n in ns if n]
+        unmatched = unmatched_patterns(all_names, self.ignore_modules)
         if unmatched:
-            all_names = [n for ns in names.values() for n in ns if n]
             hint = closest_name(unmatched[0], all_names)
             raise WrapError(
                 f"ignore_modules pattern {unmatched[0]!r} matches no module of the model"

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mixprec.utils import match_module
+from mixprec.utils import match_module, unmatched_patterns
 
 __all__ = [
     "FP8_DIM_MULTIPLE",
@@ -187,19 +187,18 @@ def plan_layers(
         shared.setdefault(id(param), []).append(pname)
     seen: dict[int, str] = {}
     twice: set[int] = set()
+    names: list[str] = []
     for name, sub in module.named_modules(remove_duplicate=False):
+        names.append(name)
         if id(sub) in seen and seen[id(sub)] != name:
             twice.add(id(sub))
         seen.setdefault(id(sub), name)
-    used: set[str] = set()
     te_roots: list[str] = []
     built = {id(m) for m in built_by_mixprec}
     for name, sub in module.named_modules():
         if any(name.startswith(root + ".") for root in te_roots):
             continue  # inside a TE layer
         pattern = match_module(name, patterns)
-        if pattern is not None:
-            used.add(pattern)
         if _is_te(sub):
             te_roots.append(name)
             if id(sub) not in built:
@@ -221,5 +220,7 @@ def plan_layers(
         else:
             plan.decisions.append(_decide(name, sub, kind,
                                           te_has_rmsnorm=te_has_rmsnorm, shared=shared))
-    plan.unmatched_ignores = [p for p in patterns if p not in used]
+    # every pattern on its own: one that selects a module an earlier one also selects
+    # is used too
+    plan.unmatched_ignores = unmatched_patterns(names, patterns)
     return plan

@@ -155,3 +155,15 @@ def test_te_layers_built_by_mixprec_are_not_foreign_and_revert_when_excluded(te)
     assert plan.foreign_te == []
     assert plan.revert == ["fc"]
     assert [d.name for d in plan.to_convert] == ["other"]
+
+
+def test_every_ignore_modules_entry_that_selects_a_module_is_used():
+    """Two entries selecting the same module (a short name and peft's full one) are both
+    used; before, only the first counted and the second was 'matches no module'."""
+    model = torch.nn.Module()
+    model.base_model = torch.nn.Module()
+    model.base_model.model = torch.nn.Module()
+    model.base_model.model.lm_head = torch.nn.Linear(32, 64)
+    model.base_model.model.fc = torch.nn.Linear(32, 32)
+    plan = plan_layers(model, ignore_modules=["lm_head", "base_model.model.lm_head", "nothing"])
+    assert plan.unmatched_ignores == ["nothing"]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mixprec.utils import closest_name, match_module
+from mixprec.utils import unmatched_patterns as unmatched_by_any
 
 __all__ = ["ROOT", "Fp8Plan", "display_name", "plan_fp8_layers", "unmatched_patterns"]
 
@@ -42,8 +43,8 @@ def display_name(fqn: str) -> str:
 def unmatched_patterns(module: torch.nn.Module, patterns: Iterable[str]) -> list[tuple[str, str | None]]:
     """The patterns that select no module, each with the closest module name (or None)."""
     names = [n for n, _ in module.named_modules(remove_duplicate=False) if n]
-    return [(pattern, closest_name(pattern, names)) for pattern in patterns
-            if not any(match_module(n, (pattern,)) for n in names)]
+    return [(pattern, closest_name(pattern, names))
+            for pattern in unmatched_by_any(names, patterns)]
 
 
 def plan_fp8_layers(

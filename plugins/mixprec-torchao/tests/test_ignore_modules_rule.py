@@ -1,10 +1,12 @@
 """``ignore_modules`` follows mixprec's one rule (``mixprec.utils.match_module``).
 
-mixprec-bnb, mixprec-te and mixprec-torchao each carry this test with the same
-model and the same patterns, so the three plugins leave exactly the same layers
-alone for the same ``ignore_modules``. (The plugins once kept their own matchers,
-and mixprec-te's missed a module inside a glob-matched parent: with
-``"blocks.*.attn"`` it converted ``blocks.0.attn.q``.)
+Every first-party plugin runs the conformance kit's table
+(``mixprec.testing.IGNORE_MODULES_CASES`` on ``ignore_modules_model()``), so the three
+plugins leave exactly the same layers alone for the same ``ignore_modules`` and none
+says an entry "matches no module" when it selects one. (The plugins once kept their own
+matchers: mixprec-te's missed a module inside a glob-matched parent, converting
+``blocks.0.attn.q`` with ``"blocks.*.attn"``, and counted only the first entry that
+selected a module as used.)
 """
 
 from __future__ import annotations
@@ -14,54 +16,12 @@ import torch
 from mixprec_torchao import Float8Training
 
 import mixprec
+from mixprec.testing import IGNORE_MODULES_CASES, IGNORE_MODULES_LINEARS, ignore_modules_model
 from mixprec.utils import match_module
 
-#: The Linear layers of :func:`build_model`, by dotted name.
-LINEARS = ("blocks.0.attn.q", "blocks.0.attn.k", "blocks.0.mlp.up", "blocks.1.attn.q",
-           "lm_head", "lm_head2")
-
-#: (ignore_modules, the Linear layers they select): the same table in each plugin's test.
-CASES = [
-    (["blocks.0.attn.q"], {"blocks.0.attn.q"}),  # an exact name
-    (["blocks.0.attn"], {"blocks.0.attn.q", "blocks.0.attn.k"}),  # a parent
-    (["blocks.*.attn"], {"blocks.0.attn.q", "blocks.0.attn.k", "blocks.1.attn.q"}),  # glob, parent
-    (["*.q"], {"blocks.0.attn.q", "blocks.1.attn.q"}),  # a glob over leaves; * crosses dots
-    (["blocks.?.attn.[k]"], {"blocks.0.attn.k"}),  # ? and [ make a glob too
-    (["lm_head"], {"lm_head"}),  # a name, not a prefix: not lm_head2
-    (["blocks.1", "lm_head2"], {"blocks.1.attn.q", "lm_head2"}),
-    # names are matched from the end as well, by whole parts (peft's base_model.model.lm_head)
-    (["attn.q"], {"blocks.0.attn.q", "blocks.1.attn.q"}),  # a module's trailing parts
-    (["0.attn"], {"blocks.0.attn.q", "blocks.0.attn.k"}),  # a parent's trailing parts
-    (["mlp.u[p]"], {"blocks.0.mlp.up"}),  # a glob, from the end too
-]
-
-
-def build_model() -> torch.nn.Module:
-    """blocks.0.attn.{q,k}, blocks.0.mlp.up, blocks.1.attn.q, lm_head, lm_head2: 32x32
-    ``nn.Linear`` layers (sizes every plugin converts)."""
-    torch.manual_seed(0)
-
-    def linears(*names: str) -> torch.nn.ModuleDict:
-        return torch.nn.ModuleDict({n: torch.nn.Linear(32, 32) for n in names})
-
-    model = torch.nn.Module()
-    model.blocks = torch.nn.ModuleList([
-        torch.nn.ModuleDict({"attn": linears("q", "k"), "mlp": linears("up")}),
-        torch.nn.ModuleDict({"attn": linears("q")}),
-    ])
-    model.lm_head = torch.nn.Linear(32, 32)
-    model.lm_head2 = torch.nn.Linear(32, 32)
-    return model
-
-
-def test_the_model_has_the_layers_the_cases_name() -> None:
-    names = [n for n, m in build_model().named_modules() if isinstance(m, torch.nn.Linear)]
-    assert sorted(names) == sorted(LINEARS)
-
-
-@pytest.mark.parametrize(("patterns", "selected"), CASES, ids=[str(c[0]) for c in CASES])
-def test_match_module_selects_the_table(patterns: list[str], selected: set[str]) -> None:
-    assert {n for n in LINEARS if match_module(n, patterns)} == selected
+CASES = IGNORE_MODULES_CASES
+LINEARS = IGNORE_MODULES_LINEARS
+build_model = ignore_modules_model
 
 
 @pytest.mark.filterwarnings("ignore::mixprec.MixprecWarning")  # names the layers kept
