@@ -422,6 +422,15 @@ def test_parameters_lost_by_the_optimizer_are_reported():
     assert "Keep a replaced parameter at the same dotted name" in err.fix
 
 
+def test_a_mode_the_audit_finds_parameters_outside_the_optimizer_of_is_reported():
+    class Case(ModeConformance):
+        mode = _RenamesWeights
+
+    err = _violation(Case, "test_audit_monitor_and_doctor_examine_the_mode")
+    assert err.contract == "examined"
+    assert "the audit found 2 trainable parameter(s) are not in the optimizer" in err.problem
+
+
 class _NoStep(mixprec.TruePrecision):
     """Sets the learning rate to 0 inside every step."""
 

@@ -25,6 +25,7 @@ CONTRACTS: dict[str, str] = {
     "init_module": "docs/plugin-guide.md#init_module",
     "copies": "docs/plugin-guide.md#copies",
     "training": "docs/plugin-guide.md#training",
+    "examined": "docs/plugin-guide.md#examined",
     "unwrap": "docs/plugin-guide.md#unwrap",
 }
 

@@ -315,6 +315,56 @@ class TrainChecks(ConformanceBase):
                     "Keep trainable parameters trainable and in the optimizer; or set trainable "
                     "= False on the test class if the mode freezes every parameter.")
 
+    def test_audit_monitor_and_doctor_examine_the_mode(self) -> None:
+        """``opt.precision.audit()`` and a ``mixprec.Monitor`` see the mode's steps, and
+        ``mixprec.doctor`` examines it (a string mode that trains), through the mode
+        interface alone."""
+        with self._session():
+            torch.manual_seed(0)
+            model = self._model()
+            monitor = mixprec.Monitor(every=1, warn=False)
+            try:
+                model, opt = self._precision(monitor=monitor).wrap(
+                    model, self.make_optimizer(model))
+                self._train(model, opt, 2)
+                audit = opt.precision.audit(show=False)
+            except Exception as exc:
+                raise self._violation(
+                    "examined", f"training with a mixprec.Monitor, or opt.precision.audit(), "
+                    f"raised {type(exc).__name__}: {exc}",
+                    "Keep the model a torch module tree the wrapper's hooks can observe, and "
+                    "step only through the optimizer the wrapper steps.", cause=exc) from exc
+            steps = [r["step"] for r in monitor.history]
+            problems = []
+            if steps != [0, 1]:
+                problems.append(f"the monitor recorded steps {steps}, not [0, 1]")
+            if audit.steps != 2 or audit.mode != opt.precision.mode_name:
+                problems.append(f"the audit reports mode {audit.mode!r} after {audit.steps} "
+                                f"step(s), not {opt.precision.mode_name!r} after 2")
+            missing = [f.message for f in audit.flags if f.cause == "not-in-optimizer"]
+            if missing:
+                problems.append(f"the audit found {missing[0]}")
+            if problems:
+                raise self._violation(
+                    "examined", _listing(problems) + ".",
+                    "Remap the optimizer to the parameters convert_module() creates (keep them "
+                    "at the old dotted names) and let the wrapper run every step.")
+            if not (isinstance(self.mode, str) and self.trainable):
+                return  # the doctor takes mode strings, and trains what is trainable
+            from mixprec._doctor.result import Candidate
+
+            batches = [self.make_batch(i) for i in range(2)]
+            candidate = Candidate(self.mode, tuple(sorted(self.options.items())))
+            report = mixprec.doctor(self._model(), batches, loss_fn=self.compute_loss,
+                                    modes=[candidate], steps=2, measure_batches=1,
+                                    fixes=False, optimizer=self._raw_optimizer_factory())
+            result = report.mode(candidate.label)
+            if result.status != "ok" or result.final_loss is None:
+                raise self._violation(
+                    "examined", f"mixprec.doctor could not examine the mode: {result.error}",
+                    "Let the mode wrap a deep copy of a model (the doctor examines copies) and "
+                    "keep its forward context reentrant.")
+
     def test_deepcopy_pickle_and_torch_save(self) -> None:
         """The wrapped module survives ``copy.deepcopy``, ``pickle`` and ``torch.save``
         and computes the same outputs; a copy gets its own precision."""
