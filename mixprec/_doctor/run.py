@@ -104,7 +104,7 @@ def _candidates(modes: Iterable[str | Candidate]) -> list[Candidate]:
 
 def doctor(
     model: torch.nn.Module, batches: Iterable[Any], *, loss_fn: LossFn,
-    modes: Sequence[str] | None = None, steps: int = 30, measure_batches: int = 2,
+    modes: Sequence[str | Candidate] | None = None, steps: int = 30, measure_batches: int = 2,
     max_batches: int = 8, optimizer: OptimizerFactory | None = None, lr: float = 1e-3,
     clip: float | None = 1.0, loss_threshold: float = 1.0, sqnr_threshold: float = 35.0,
     lost_threshold: float = 0.5, include_slow: bool = False, fixes: bool = True,
@@ -160,11 +160,12 @@ def doctor(
     measured = data[:measure_batches]
     progress = progress or _no_progress
     device = _device_of(model)
+    left_out: list[tuple[str, str]] = []
     if modes is None:
         labels, left_out = default_modes(model, device, include_slow)
+        candidates = _candidates(labels)
     else:
-        labels, left_out = list(modes), []
-    candidates = _candidates(labels)
+        candidates = _candidates(modes)
     make_opt = optimizer or (lambda params: torch.optim.AdamW(params, lr=lr))
     params = sum(p.numel() for p in model.parameters())
     lost_steps = max(1, min(10, steps // 2))
