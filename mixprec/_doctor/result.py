@@ -129,6 +129,8 @@ class ModeResult:
     takes: tuple[str, ...] = ()
     ignore_modules: tuple[str, ...] = ()
     summary: str = ""
+    #: the mode's own warnings while the doctor wrapped and trained it (once each)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:

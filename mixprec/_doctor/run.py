@@ -10,10 +10,12 @@ offer one (``recommend``). The user's model is only ever copied.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -21,10 +23,10 @@ import torch
 from .._module import is_wrapped
 from .._registry import registry
 from .._wrapper import PrecisionWrapper
-from ..exceptions import MixprecError, WrapError
+from ..exceptions import MixprecError, MixprecWarning, WrapError
 from .measure import OUTPUT, LossFn, converted_pass, impact_pass, reference_pass
 from .recommend import fix_for, flag, options_taken, recommend
-from .result import Candidate, DoctorReport, LayerResult, ModeResult
+from .result import Candidate, DoctorReport, Flag, LayerResult, ModeResult
 from .sqnr import FP16_MAX
 from .train import LostUpdateRecorder, train_run
 
@@ -208,6 +210,28 @@ def _finish(result: ModeResult, base_loss: float | None, thresholds: dict[str, f
         result.gap_pct = 100.0 * (result.final_loss - base_loss) / base_loss
     if result.layers:  # measured (training may have failed after)
         result.flags = flag(result, **thresholds)
+    result.flags += [Flag("mode-warning", [], text, blocking=False) for text in result.warnings]
+
+
+@contextlib.contextmanager
+def _mode_warnings(into: list[str]) -> Iterator[None]:
+    """Collect the mode's ``MixprecWarning`` s (a conversion freezing weights, a loss
+    scale collapsing) into its result, once each, instead of printing them for every
+    copy the doctor wraps; other warnings pass through."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            others = []
+            for w in caught:
+                if issubclass(w.category, MixprecWarning):
+                    if str(w.message) not in into:
+                        into.append(str(w.message))
+                else:
+                    others.append(w)
+    for w in others:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 _ERRORS = (MixprecError, RuntimeError, ValueError, TypeError, ImportError)
@@ -226,6 +250,18 @@ def _examine(
     result = ModeResult(candidate, takes=options_taken(candidate.mode))
     advance = progress(f"{candidate.label}: measuring, then {steps} training steps", steps + 1)
     recorder = LostUpdateRecorder()
+    with _mode_warnings(result.warnings):
+        return _measure_and_train(result, candidate, model, reference, measured, train_data,
+                                  loss_fn, make_opt, recorder, advance, steps=steps, clip=clip,
+                                  lost_steps=lost_steps, params=params, seed=seed)
+
+
+def _measure_and_train(
+    result: ModeResult, candidate: Candidate, model: torch.nn.Module, reference: Any,
+    measured: list[Any], train_data: list[Any], loss_fn: LossFn, make_opt: OptimizerFactory,
+    recorder: LostUpdateRecorder, advance: Callable[[int], None], *, steps: int,
+    clip: float | None, lost_steps: int, params: int, seed: int,
+) -> ModeResult:
     try:
         wrapper = PrecisionWrapper(candidate.mode, monitor=recorder, **dict(candidate.options))
         work = copy.deepcopy(model)

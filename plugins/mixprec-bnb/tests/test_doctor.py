@@ -79,3 +79,41 @@ def test_doctor_keeps_lm_head_of_an_nf4_llama_and_recovers_the_gap() -> None:
     assert recovered >= 0.8, (plain.gap_pct, fixed.gap_pct)
     # what it costs: lm_head's 64 x 128 weights in fp32 instead of 4 bits
     assert plain.bytes_per_param < fixed.bytes_per_param < report.mode("32-true").bytes_per_param
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+def test_cli_lora_examines_the_frozen_weight_modes(tmp_path, capsys) -> None:
+    """``mixprec doctor --lora``: the bench GPT pretrained in fp32 with LoRA adapters, on
+    which the modes that freeze quantized weights are examined (without --lora they are
+    listed as not examined, with the reason)."""
+    from mixprec._cli import main
+
+    out = tmp_path / "doctor.json"
+    # named without --lora: examined against full fp32 training; the mode's warning that it
+    # froze the Linear weights is a finding of the report, not a warning printed per copy
+    assert main(["doctor", "--size", "tiny", "--steps", "3", "--quiet", "--modes", "nf4-dq",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "nf4-dq: mode-warning: Mode 'nf4-dq' froze 5 Linear weights" in text
+    assert text.count("nf4-dq: mode-warning: Mode 'nf4-dq' froze 5") == 1
+    assert main(["doctor", "--lora", "--size", "tiny", "--steps", "3", "--quiet",
+                 "--modes", "nf4-dq", "--json", str(out)]) == 0
+    import json
+
+    data = json.loads(out.read_text())
+    nf4 = next(m for m in data["modes"] if m["label"] == "nf4-dq")
+    assert nf4["status"] == "ok" and nf4["final_loss"] is not None
+    assert nf4["bytes_per_param"] < data["modes"][0]["bytes_per_param"]  # vs the LoRA base
+
+
+def test_frozen_weight_modes_are_examined_by_default_only_with_adapters() -> None:
+    from mixprec._bench.model import PRESETS, BenchGPT
+    from mixprec._doctor.run import default_modes
+
+    model = BenchGPT(PRESETS["tiny"])
+    chosen, left_out = default_modes(model, torch.device("cpu"))
+    assert "nf4-dq" not in chosen and any(
+        m == "nf4-dq" and "--lora" in why for m, why in left_out)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["qkv"]))
+    chosen, _ = default_modes(lora, torch.device("cpu"))
+    assert {"nf4", "nf4-dq", "fp4", "int8"} <= set(chosen)
