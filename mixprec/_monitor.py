@@ -110,6 +110,7 @@ class Monitor:
         assert wrapper.module is not None
         inner = wrapper.module.module
         self._layers = {n: m for n, m in inner.named_modules() if n and is_layer(m)}
+        self._hooks = {n: self._on_forward(n) for n in self._layers}
         recorder_of(wrapper)  # audit() then sees the forward and the loss from the start
         if wrapper.steps % self.every == 0:
             self._arm(wrapper.steps)
@@ -158,7 +159,7 @@ class Monitor:
         self._step = step
         self._seen = {name: _Layer() for name in self._layers}
         for name, module in self._layers.items():
-            self._handles.append(module.register_forward_hook(self._on_forward(name)))
+            self._handles.append(module.register_forward_hook(self._hooks[name]))
 
     def _disarm(self) -> None:
         for h in self._handles:
@@ -168,9 +169,13 @@ class Monitor:
         self._grads = {}
 
     def _on_forward(self, name: str) -> Callable[..., None]:
-        seen = self._seen[name]
+        """The forward hook of layer ``name``: made once, registered for each recorded
+        step, and run outside torch.compile's graphs (it reads values into Python), so a
+        compiled model is traced with the same hook each time instead of again per record."""
 
+        @torch.compiler.disable
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            seen = self._seen[name]
             tensors = float_tensors(output)
             if not tensors:
                 return

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import warnings
 
@@ -182,3 +183,51 @@ def test_audit_sees_the_first_forward_when_a_monitor_is_attached():
     _train(model, opt, 1)
     forward = {e.what: e.dtype for e in opt.precision.audit(show=False).entries("forward")}
     assert forward == {"model output": "float32", "loss given to opt.backward": "float32"}
+
+
+
+# dynamo reads .grad of the activations it hands to the code after a graph break (its
+# own tensor wrapping, not the monitor's code), and torch warns about that
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
+def test_a_compiled_model_is_traced_once_with_the_monitors_hooks(caplog):
+    """Under ``model.compile()`` the recorded steps reuse the graphs traced for the first
+    one: the monitor registers the same hooks each time and runs them outside the graphs.
+    Before, dynamo traced into the hooks, recompiling them per layer dtype until torch's
+    recompile limit (bf16 and fp32 layers in bf16-mixed). The records equal an eager run's."""
+    from torch._dynamo.utils import counters
+
+    from mixprec._bench.model import PRESETS, BenchGPT, MarkovTask, lm_loss
+
+    size = PRESETS["tiny"]
+    batches = list(MarkovTask(size.vocab, 0).batches(24, size.batch, size.seq, 1))
+
+    def run(monitor, compiled, steps):
+        torch.manual_seed(0)
+        net = BenchGPT(size)
+        model, opt = mixprec.wrap(net, torch.optim.AdamW(net.parameters(), lr=3e-3),
+                                  "bf16-mixed", monitor=monitor)
+        if compiled:
+            model.compile()
+        for i, batch in enumerate(batches[:steps]):
+            opt.backward(lm_loss(model(batch[:, :-1]), batch[:, 1:]))
+            opt.step()
+            opt.zero_grad()
+            if i == 5:
+                yield counters["stats"]["unique_graphs"]
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = mixprec.Monitor(every=2, warn=False)
+    list(run(eager, False, 6))
+    monitor = mixprec.Monitor(every=2, warn=False)
+    with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
+        graphs = list(run(monitor, True, 24))  # after 3 records, then 9 more records
+    assert counters["stats"]["unique_graphs"] == graphs[0]
+    assert not [r.getMessage() for r in caplog.records if "recompile_limit" in r.getMessage()]
+    assert [r["step"] for r in monitor.history] == list(range(0, 24, 2))
+    for want, got in zip(eager.history, monitor.history[:3]):
+        for name, layer in want["layers"].items():
+            # inductor's bf16 kernels round a little differently from eager's
+            assert got["layers"][name]["act_amax"] == pytest.approx(layer["act_amax"], rel=0.02)
+            assert got["layers"][name]["grad_amax"] == pytest.approx(layer["grad_amax"], rel=0.02)
+    torch._dynamo.reset()
