@@ -5,6 +5,7 @@
 """
 
 from . import exceptions, hookspecs
+from ._api import init_module, unwrap, wrap
 from ._builtin_modes import MixedPrecision, TruePrecision
 from ._doctor import doctor
 from ._interface import ModeSpec, OptimizerMode, PrecisionMode, build_context, step_in_dtype
@@ -15,7 +16,7 @@ from ._registry import ModeEntry, Registry, registry, use_registry
 from ._scaler import LossScaler
 from ._tensors import apply_to_float_tensors
 from ._version import PLUGIN_API_VERSION, __version__
-from ._wrapper import PrecisionWrapper, init_module, unwrap, wrap
+from ._wrapper import PrecisionWrapper
 from .exceptions import MixprecError, MixprecWarning
 from .hookspecs import hookimpl
 

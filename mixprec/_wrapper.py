@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast, overload
 
 import torch
@@ -14,12 +14,10 @@ from ._convert import atomic, convert_module, match_state_dtypes, remap_optimize
 from ._interface import FSDPPlan, OptimizerMode, PrecisionMode, StepHooks, wide_grads
 from ._master import MasterWeights
 from ._module import (
-    _WRAPPED,
     WrappedModule,
     check_forward_methods,
     check_not_wrapped,
     split_compiled,
-    uncompiled,
 )
 from ._optimizer import WrappedOptimizer
 from ._optimizers import OptimizerSet, wrap_several
@@ -43,7 +41,7 @@ from .exceptions import (
     WrapError,
 )
 
-__all__ = ["PrecisionWrapper", "init_module", "unwrap", "wrap"]
+__all__ = ["ModeLike", "OptimizerLike", "PrecisionWrapper"]
 
 logger = logging.getLogger("mixprec")
 
@@ -599,73 +597,3 @@ class PrecisionWrapper(WrapperCheckpoints):
     def param_name(self, param: torch.Tensor) -> str:
         """The dotted name of the model parameter ``param`` is (or is the master of)."""
         return self._names.get(id(param), "?")
-
-
-# -- module-level API -------------------------------------------------------------------
-
-
-@overload
-def wrap(model: torch.nn.Module, optimizer: None = None, mode: ModeLike = ..., **options: Any) -> WrappedModule: ...
-@overload
-def wrap(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, mode: ModeLike = ..., **options: Any
-) -> tuple[WrappedModule, WrappedOptimizer]: ...
-@overload
-def wrap(
-    model: torch.nn.Module, optimizer: Sequence[torch.optim.Optimizer], mode: ModeLike = ...,
-    **options: Any,
-) -> tuple[WrappedModule, tuple[WrappedOptimizer, ...]]: ...
-
-
-def wrap(
-    model: torch.nn.Module, optimizer: OptimizerLike = None,
-    mode: ModeLike = "32-true", **options: Any,
-) -> WrappedModule | tuple[WrappedModule, WrappedOptimizer | tuple[WrappedOptimizer, ...]]:
-    """Run ``model`` (and ``optimizer``) in ``mode``.
-
-    Returns ``(model, optimizer)`` — or the model alone when no optimizer is
-    given — sharing one :class:`PrecisionWrapper`. With a list or tuple of
-    optimizers (a GAN's generator and discriminator) it returns ``(model,
-    (opt_a, opt_b, ...))``: one loss scale for all, each optimizer's step skipped
-    on its own inf/NaN gradients, the scale updated once all have stepped (the
-    rules: README, "Several optimizers"). Keyword ``options`` go to the
-    :class:`PrecisionWrapper` and the named precision mode
-    (``wrap(model, opt, "bf16-true", master_weights=True)``). Atomic: if it raises,
-    model and optimizer are exactly as before.
-    """
-    return PrecisionWrapper(mode, **options).wrap(model, optimizer)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """Return the plain module inside a wrapped one, for export.
-
-    Where the mode keeps fp32 masters the parameters get the master values (the
-    module becomes fp32). The wrapper is finished afterwards: keep training with
-    a new ``wrap``. A compiled wrapped module (``torch.compile(wrapped)``) gives the
-    plain module too (compile it again for the next run). A module that is not wrapped
-    is returned as it is.
-    """
-    wrapped = uncompiled(model)
-    if not isinstance(wrapped, WrappedModule):
-        return model
-    precision = wrapped.precision
-    inner = wrapped.module
-    if precision.masters is not None:
-        precision.masters.move_to_model()
-        precision.masters = None
-    _WRAPPED.discard(inner)
-    return precision.precision_mode.unwrap_module(inner)
-
-
-@contextlib.contextmanager
-def init_module(
-    mode: ModeLike = "32-true", device: torch.device | str | None = None, **options: Any
-) -> Iterator[PrecisionWrapper]:
-    """Build a model directly in ``mode``'s dtype (and on ``device``, e.g. ``"meta"``).
-
-    Yields the :class:`PrecisionWrapper`, ready for ``.wrap(model, opt)``. The
-    default dtype is restored when the block ends, also on errors.
-    """
-    precision = PrecisionWrapper(mode, **options)
-    with precision.init_module(device):
-        yield precision
