@@ -225,15 +225,14 @@ def audit(wrapper: PrecisionWrapper, *, output: Any = None, loss: torch.Tensor |
     owner, lanes = _owner_and_lanes(wrapper)
     masters = {id(p): m for lane in {id(x): x for x in (owner, *lanes)}.values()
                if lane.masters is not None for p, m in lane.masters.pairs}
-    stepping = [lane for lane in lanes if lane.optimizer is not None]
-    inners = [lane.optimizer.optimizer for lane in stepping if lane.optimizer is not None]
+    stepping = [(lane, lane.optimizer.optimizer) for lane in lanes if lane.optimizer is not None]
     _weights(result, named, masters)
     if masters:
         result.sections["master weights"] = _group(masters.values(), "fp32 masters")
-    for i, (lane, inner) in enumerate(zip(stepping, inners)):
-        _optimizer(result, lane, inner, masters, f"optimizer {i} " if len(inners) > 1 else "")
-    if inners:
-        _not_in_optimizer(result, inners, named, masters)
+    for i, (lane, inner) in enumerate(stepping):
+        _optimizer(result, lane, inner, masters, f"optimizer {i} " if len(stepping) > 1 else "")
+    if stepping:
+        _not_in_optimizer(result, [inner for _, inner in stepping], named, masters)
     _forward(result, recorder, output, loss)
     _devices(result, wrapper, named, recorder)
     _unconverted(result, wrapper, model)

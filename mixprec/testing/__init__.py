@@ -35,7 +35,8 @@ every call), :func:`train_steps` (the training loop), :func:`checkpoint_roundtri
 (``wrap`` without expected :class:`mixprec.MixprecWarning` s) and
 :func:`assert_state_equal` (state dicts equal bit for bit, with a readable diff).
 A mode that takes ``ignore_modules`` tests mixprec's one rule for it with
-:data:`IGNORE_MODULES_CASES` on :func:`ignore_modules_model`.
+:data:`IGNORE_MODULES_CASES` on :func:`ignore_modules_model`, checked with
+:func:`assert_ignore_modules_rule`.
 
 The kit raises its own messages, so pytest need not rewrite its asserts
 (PYTEST_DONT_REWRITE; this also keeps pytest quiet when the module was imported
@@ -52,7 +53,12 @@ from ._fixtures import mixprec_plugins, mixprec_registry, register_mixprec_plugi
 from ._fixtures import pytest_collection_modifyitems as pytest_collection_modifyitems
 from ._fixtures import pytest_configure as pytest_configure
 from ._helpers import ConformanceNet
-from ._rules import IGNORE_MODULES_CASES, IGNORE_MODULES_LINEARS, ignore_modules_model
+from ._rules import (
+    IGNORE_MODULES_CASES,
+    IGNORE_MODULES_LINEARS,
+    assert_ignore_modules_rule,
+    ignore_modules_model,
+)
 from ._tools import (
     assert_state_equal,
     checkpoint_roundtrip,
@@ -74,6 +80,7 @@ __all__ = [
     "ConformanceNet",
     "ContractViolation",
     "ModeConformance",
+    "assert_ignore_modules_rule",
     "assert_state_equal",
     "checkpoint_roundtrip",
     "first_party_modes",

@@ -176,10 +176,6 @@ class ConformanceBase:
                             "them to the mode's constructor in the `mode` callable.")
         return mode()
 
-    def _raw_optimizer_factory(self) -> Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]:
-        """:attr:`optimizer_factory` as a function of a parameter list (for the doctor)."""
-        return lambda params: _raw(type(self), "optimizer_factory")(params)
-
     def _precision(self, **extra: Any) -> mixprec.PrecisionWrapper:
         mode = self._mode_arg()
         if isinstance(mode, str):

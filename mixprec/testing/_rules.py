@@ -3,14 +3,20 @@
 mixprec has one rule for which modules an ``ignore_modules`` entry selects
 (:func:`mixprec.utils.match_module`); a mode that takes the option tests that it
 leaves exactly those layers alone by wrapping :func:`ignore_modules_model` with each
-row of :data:`IGNORE_MODULES_CASES` (mixprec-bnb, mixprec-te and mixprec-torchao do).
+row of :data:`IGNORE_MODULES_CASES` and checking the result with
+:func:`assert_ignore_modules_rule` (mixprec-bnb, mixprec-te and mixprec-torchao do).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-__all__ = ["IGNORE_MODULES_CASES", "IGNORE_MODULES_LINEARS", "ignore_modules_model"]
+from mixprec.utils import match_module
+
+__all__ = ["IGNORE_MODULES_CASES", "IGNORE_MODULES_LINEARS", "assert_ignore_modules_rule",
+           "ignore_modules_model"]
 
 #: The Linear layers of :func:`ignore_modules_model`, by dotted name.
 IGNORE_MODULES_LINEARS = ("blocks.0.attn.q", "blocks.0.attn.k", "blocks.0.mlp.up",
@@ -52,3 +58,25 @@ def ignore_modules_model() -> torch.nn.Module:
     model.lm_head = torch.nn.Linear(32, 32)
     model.lm_head2 = torch.nn.Linear(32, 32)
     return model
+
+
+def assert_ignore_modules_rule(wrapped: torch.nn.Module, patterns: list[str], selected: set[str],
+                               converted: Callable[[torch.nn.Module], bool]) -> None:
+    """``wrapped`` (:func:`ignore_modules_model` wrapped with ``ignore_modules=patterns``)
+    converted exactly the Linear layers ``patterns`` do not select (``converted(module)``
+    says whether the mode converted one) and left the ``selected`` ones plain
+    ``nn.Linear``; ``selected`` is also what :func:`mixprec.utils.match_module` selects.
+    Raises ``AssertionError`` naming the layers otherwise."""
+    rule = {n for n in IGNORE_MODULES_LINEARS if match_module(n, patterns)}
+    done = {n for n, m in wrapped.named_modules() if converted(m)}
+    kept = {n for n, m in wrapped.named_modules() if type(m) is torch.nn.Linear}
+    problems = []
+    if rule != selected:
+        problems.append(f"match_module selects {sorted(rule)}, the table says {sorted(selected)}")
+    if done != set(IGNORE_MODULES_LINEARS) - selected:
+        problems.append(f"converted {sorted(done)}, expected "
+                        f"{sorted(set(IGNORE_MODULES_LINEARS) - selected)}")
+    if kept != selected:
+        problems.append(f"left plain nn.Linear {sorted(kept)}, expected {sorted(selected)}")
+    if problems:
+        raise AssertionError(f"ignore_modules={patterns}: " + "; ".join(problems))

@@ -17,7 +17,7 @@ import torch
 import mixprec
 from mixprec.exceptions import CheckpointError
 
-from ._base import ConformanceBase, _InjectedFailure, _listing
+from ._base import ConformanceBase, _InjectedFailure, _listing, _raw
 from ._helpers import all_finite, clone_nested, float_tensors, nested_differences
 
 __all__ = ["TrainChecks"]
@@ -357,7 +357,7 @@ class TrainChecks(ConformanceBase):
             candidate = Candidate(self.mode, tuple(sorted(self.options.items())))
             report = mixprec.doctor(self._model(), batches, loss_fn=self.compute_loss,
                                     modes=[candidate], steps=2, measure_batches=1,
-                                    fixes=False, optimizer=self._raw_optimizer_factory())
+                                    fixes=False, optimizer=_raw(type(self), "optimizer_factory"))
             result = report.mode(candidate.label)
             if result.status != "ok" or result.final_loss is None:
                 raise self._violation(
